@@ -1,0 +1,388 @@
+"""Configuration: nested dataclasses <- TOML file <- dotted command-line overrides.
+
+Precedence is defaults < TOML < CLI (`--training.steps 20`). Every error in a config is a
+`ConfigError` whose message names the key, the value and what is allowed; `main()` entry
+points print it on one line and exit with status 2.
+
+Derived values (data-parallel degree, gradient-accumulation steps, total and warmup steps)
+are computed here, in `derive()`, and nowhere else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "train_configs"
+
+
+class ConfigError(ValueError):
+    """A config value that cannot be used; the message is one line meant for a person."""
+
+
+@dataclass
+class Job:
+    dump_folder: str = "./outputs/run"  # the run's output folder: logs, metrics, checkpoints
+    description: str = ""  # free text, copied into the metrics stream
+
+
+@dataclass
+class Model:
+    dim: int = 256  # hidden size d_model
+    n_layers: int = 4  # transformer blocks
+    n_heads: int = 8  # query heads
+    n_kv_heads: int = 4  # key/value heads (GQA); must divide n_heads
+    intermediate_size: int = 704  # SwiGLU hidden size, stated explicitly (SPEC: no rounding rule)
+    vocab_size: int = 0  # 0 = the tokenizer's vocabulary padded to tokenizer.vocab_multiple
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    rope_theta: float = 10000.0  # RoPE base
+    rope_scaling: str = "none"  # none | yarn
+    rope_scaling_factor: float = 1.0  # YaRN: target context / original context
+    rope_original_max_position: int = 4096  # YaRN: context the base RoPE was designed for
+    rope_beta_fast: float = 32.0  # YaRN ramp: rotations above this are not interpolated
+    rope_beta_slow: float = 1.0  # YaRN ramp: rotations below this are fully interpolated
+    attention: str = "sdpa"  # sdpa (causal, crosses documents) | flex (document mask)
+    init_std: float = 0.02  # std of the input projections; output projections are depth-scaled
+
+
+@dataclass
+class Tokenizer:
+    path: str = "default"  # default | tiktoken:<encoding name> | path to a tiktoken BPE file
+    vocab_multiple: int = 128  # pad the model vocabulary up to a multiple of this
+
+
+@dataclass
+class Data:
+    source: str = "default"  # default (generated corpus) | path to prepared shards
+    num_workers: int = 0  # DataLoader worker processes per rank
+    pin_memory: bool = True  # page-locked host batches for async host-to-device copies
+    prefetch_factor: int = 2  # batches prefetched per worker (only with num_workers > 0)
+    shuffle: bool = True  # shuffle rows by seed; each epoch reshuffles
+    default_num_documents: int = 20000  # size of the generated default corpus
+
+
+@dataclass
+class Optimizer:
+    name: str = "adamw"  # adamw
+    lr: float = 3e-4  # peak learning rate
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    eps: float = 1e-8  # AdamW epsilon
+    weight_decay: float = 0.1  # decoupled weight decay (not on norms)
+    implementation: str = "auto"  # auto | fused | foreach | for-loop
+
+
+@dataclass
+class LRSchedule:
+    warmup_tokens: int = 0  # linear warmup from 0 to the peak LR over this many tokens
+    decay: str = "cosine"  # cosine | linear | constant, from the peak to min_lr_ratio * lr
+    min_lr_ratio: float = 0.1  # final LR as a fraction of the peak
+
+
+@dataclass
+class Training:
+    seed: int = 0  # seed for init, data order and dropout-free RNG
+    seq_len: int = 256  # tokens per sequence
+    global_batch_tokens: int = 8192  # tokens per optimizer step, over all data-parallel ranks
+    micro_batch_size: int = 4  # sequences per forward pass on one rank
+    total_tokens: int = 0  # training budget in tokens; total steps derive from it
+    steps: int = 0  # if > 0, overrides the steps derived from total_tokens
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    mixed_precision: str = "bf16"  # bf16 | fp32 (bf16 applies on CUDA only)
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass
+class Parallelism:
+    data_parallel_replicate_degree: int = 1  # HSDP replicas
+    data_parallel_shard_degree: int = -1  # FSDP shards; -1 = whatever the world size leaves
+    tensor_parallel_degree: int = 1  # tensor-parallel group size (inside a node)
+    fsdp_reshard_after_forward: str = "default"  # default | always | never
+    fsdp_cpu_offload: bool = False  # keep sharded params, grads and optimizer state on the CPU
+
+
+@dataclass
+class ActivationCheckpoint:
+    mode: str = "none"  # none | full | selective
+    selective_option: str = "op"  # "op" (save matmuls and attention) or an int k: every k-th block
+
+
+@dataclass
+class Compile:
+    enable: bool = False  # torch.compile each transformer block and the loss
+
+
+@dataclass
+class Checkpoint:
+    enable: bool = False  # save checkpoints
+    folder: str = "checkpoint"  # relative to job.dump_folder
+    interval: int = 500  # steps between saves (the last step is always saved)
+    keep_latest_k: int = 0  # retention; 0 keeps all
+    resume: str = "auto"  # auto | never | path to a checkpoint
+    async_mode: str = "disabled"  # disabled | async
+
+
+@dataclass
+class Metrics:
+    log_freq: int = 10  # steps between log lines (each one costs a host sync)
+    enable_tensorboard: bool = True  # write TensorBoard event files
+    enable_jsonl: bool = True  # write metrics.jsonl in the dump folder
+    peak_flops: float = 0.0  # peak dense bf16 FLOP/s per device for MFU; 0 = by device name
+    data_wait_warn_fraction: float = 0.05  # warn when the loader takes more of a step than this
+
+
+@dataclass
+class Config:
+    job: Job = field(default_factory=Job)
+    model: Model = field(default_factory=Model)
+    tokenizer: Tokenizer = field(default_factory=Tokenizer)
+    data: Data = field(default_factory=Data)
+    optimizer: Optimizer = field(default_factory=Optimizer)
+    lr_schedule: LRSchedule = field(default_factory=LRSchedule)
+    training: Training = field(default_factory=Training)
+    parallelism: Parallelism = field(default_factory=Parallelism)
+    activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
+    compile: Compile = field(default_factory=Compile)
+    checkpoint: Checkpoint = field(default_factory=Checkpoint)
+    metrics: Metrics = field(default_factory=Metrics)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# Allowed values for the string options; validate() rejects anything else.
+CHOICES = {
+    "model.rope_scaling": ("none", "yarn"),
+    "model.attention": ("sdpa", "flex"),
+    "data.source": None,  # free path
+    "optimizer.name": ("adamw",),
+    "optimizer.implementation": ("auto", "fused", "foreach", "for-loop"),
+    "lr_schedule.decay": ("cosine", "linear", "constant"),
+    "training.mixed_precision": ("bf16", "fp32"),
+    "training.device": ("auto", "cpu", "cuda"),
+    "parallelism.fsdp_reshard_after_forward": ("default", "always", "never"),
+    "activation_checkpoint.mode": ("none", "full", "selective"),
+    "checkpoint.async_mode": ("disabled", "async"),
+}
+
+
+def _convert(key: str, raw: Any, target: type) -> Any:
+    """Coerce a TOML or CLI value to the field's type, or raise a ConfigError naming the key."""
+    if isinstance(raw, str) and target is not str:
+        text = raw.strip()
+        try:
+            if target is bool:
+                if text.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                return text.lower() in ("true", "1")
+            if target is int:
+                return int(float(text)) if _is_integral(text) else int(text)
+            if target is float:
+                return float(text)
+        except ValueError:
+            raise ConfigError(f"{key}={raw!r}: expected {target.__name__}") from None
+    if target is float and isinstance(raw, int) and not isinstance(raw, bool):
+        return float(raw)
+    if target is int and isinstance(raw, float) and raw.is_integer():
+        return int(raw)  # 1e12 in TOML is a float; a whole number is fine for an int field
+    if not isinstance(raw, target) or (target is int and isinstance(raw, bool)):
+        raise ConfigError(f"{key}={raw!r}: expected {target.__name__}, got {type(raw).__name__}")
+    return raw
+
+
+def _is_integral(text: str) -> bool:
+    try:
+        return float(text).is_integer() and ("e" in text.lower() or "." in text)
+    except ValueError:
+        return False
+
+
+def _set(config: Config, dotted: str, raw: Any) -> None:
+    section_name, _, key = dotted.partition(".")
+    sections = {f.name for f in dataclasses.fields(Config)}
+    if section_name not in sections or not key:
+        raise ConfigError(f"unknown config section {section_name!r}: valid sections are {sorted(sections)}")
+    section = getattr(config, section_name)
+    types = get_type_hints(type(section))
+    if key not in types:
+        raise ConfigError(f"unknown key {dotted!r}: valid keys in [{section_name}] are {sorted(types)}")
+    setattr(section, key, _convert(dotted, raw, types[key]))
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """A path as given, else a name looked up in train_configs/ (with or without .toml)."""
+    candidates = [Path(name_or_path), CONFIG_DIR / name_or_path, CONFIG_DIR / f"{name_or_path}.toml"]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"config file {name_or_path!r} not found (looked in . and {CONFIG_DIR})")
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the TOML file at `path` (if any), then `--section.key value` overrides."""
+    config = Config()
+    if path:
+        toml_path = resolve_config_path(path)
+        try:
+            data = tomllib.loads(toml_path.read_text())
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError(f"{toml_path}: invalid TOML: {error}") from None
+        for section, values in data.items():
+            if not isinstance(values, dict):
+                raise ConfigError(f"{toml_path}: top-level key {section!r} must be a [section] table")
+            for key, value in values.items():
+                _set(config, f"{section}.{key}", value)
+    for dotted, value in _pairs(overrides or []):
+        _set(config, dotted, value)
+    validate(config)
+    return config
+
+
+def _pairs(overrides: list[str]) -> list[tuple[str, str]]:
+    """['--a.b', '1', '--c.d=2'] -> [('a.b', '1'), ('c.d', '2')]."""
+    pairs, index = [], 0
+    while index < len(overrides):
+        flag = overrides[index]
+        if not flag.startswith("--") or "." not in flag:
+            raise ConfigError(f"unexpected argument {flag!r}: overrides look like --section.key value")
+        if "=" in flag:
+            dotted, value = flag[2:].split("=", 1)
+            index += 1
+        elif index + 1 < len(overrides):
+            dotted, value = flag[2:], overrides[index + 1]
+            index += 2
+        else:
+            raise ConfigError(f"override {flag} has no value")
+        pairs.append((dotted, value))
+    return pairs
+
+
+def validate(config: Config) -> None:
+    """Reject values that cannot work, before any process group or model exists."""
+    for dotted, allowed in CHOICES.items():
+        section, key = dotted.split(".")
+        value = getattr(getattr(config, section), key)
+        if allowed is not None and value not in allowed:
+            raise ConfigError(f"{dotted}={value!r}: allowed values are {list(allowed)}")
+    positive = [
+        "model.dim", "model.n_layers", "model.n_heads", "model.n_kv_heads", "model.intermediate_size",
+        "training.seq_len", "training.global_batch_tokens", "training.micro_batch_size",
+        "optimizer.lr", "metrics.log_freq", "checkpoint.interval", "tokenizer.vocab_multiple",
+        "parallelism.tensor_parallel_degree", "parallelism.data_parallel_replicate_degree",
+        "model.rope_theta", "model.norm_eps", "data.prefetch_factor",
+    ]
+    non_negative = [
+        "training.total_tokens", "training.steps", "training.grad_clip", "optimizer.weight_decay",
+        "optimizer.eps", "lr_schedule.warmup_tokens", "model.vocab_size", "data.num_workers",
+        "checkpoint.keep_latest_k", "metrics.peak_flops", "model.init_std",
+    ]
+    for dotted in positive + non_negative:
+        section, key = dotted.split(".")
+        value = getattr(getattr(config, section), key)
+        if value < 0 or (dotted in positive and value == 0):
+            bound = "> 0" if dotted in positive else ">= 0"
+            raise ConfigError(f"{dotted}={value}: must be {bound}")
+    for dotted in ("optimizer.beta1", "optimizer.beta2", "lr_schedule.min_lr_ratio"):
+        section, key = dotted.split(".")
+        value = getattr(getattr(config, section), key)
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{dotted}={value}: must be in [0, 1]")
+    model = config.model
+    if model.dim % model.n_heads:
+        raise ConfigError(f"model.dim={model.dim}: must be divisible by model.n_heads={model.n_heads}")
+    if (model.dim // model.n_heads) % 2:
+        raise ConfigError(f"model.dim/model.n_heads={model.dim // model.n_heads}: RoPE needs an even head dim")
+    if model.n_heads % model.n_kv_heads:
+        raise ConfigError(f"model.n_kv_heads={model.n_kv_heads}: must divide model.n_heads={model.n_heads}")
+    if model.rope_scaling == "yarn" and model.rope_scaling_factor < 1.0:
+        raise ConfigError(f"model.rope_scaling_factor={model.rope_scaling_factor}: YaRN needs >= 1")
+    if config.parallelism.data_parallel_shard_degree == 0 or config.parallelism.data_parallel_shard_degree < -1:
+        raise ConfigError(
+            f"parallelism.data_parallel_shard_degree={config.parallelism.data_parallel_shard_degree}: "
+            "must be -1 (use the rest of the world) or >= 1")
+    option = config.activation_checkpoint.selective_option
+    if option != "op" and not (option.isdigit() and int(option) >= 1):
+        raise ConfigError(f"activation_checkpoint.selective_option={option!r}: allowed are 'op' or an int >= 1")
+    if config.training.total_tokens == 0 and config.training.steps == 0:
+        raise ConfigError("training.total_tokens=0 and training.steps=0: set one of them")
+
+
+@dataclass(frozen=True)
+class Derived:
+    """Values that follow from the config and the world size; computed once, printed at start."""
+
+    world_size: int
+    data_parallel_degree: int  # replicate x shard: ranks that read different data
+    tokens_per_micro_batch: int  # per rank
+    grad_accum_steps: int  # A = global_batch_tokens / (micro_batch x seq_len x DP)
+    tokens_per_step: int  # = global_batch_tokens
+    total_steps: int
+    warmup_steps: int
+    total_tokens: int  # tokens the run will consume: total_steps x tokens_per_step
+
+
+def data_parallel_shape(config: Config, world_size: int) -> tuple[int, int, int]:
+    """(replicate, shard, tensor) degrees for `world_size` processes; ConfigError if they don't fit."""
+    par = config.parallelism
+    tp, replicate, shard = par.tensor_parallel_degree, par.data_parallel_replicate_degree, par.data_parallel_shard_degree
+    if shard == -1:
+        if world_size % (tp * replicate):
+            raise ConfigError(
+                f"world size {world_size} is not divisible by tensor_parallel_degree={tp} x "
+                f"data_parallel_replicate_degree={replicate}: launch a multiple of {tp * replicate} processes")
+        shard = world_size // (tp * replicate)
+    if replicate * shard * tp != world_size:
+        raise ConfigError(
+            f"parallelism: replicate {replicate} x shard {shard} x tensor {tp} = {replicate * shard * tp} "
+            f"!= world size {world_size}: set parallelism.data_parallel_shard_degree=-1 or launch "
+            f"{replicate * shard * tp} processes")
+    return replicate, shard, tp
+
+
+def derive(config: Config, world_size: int) -> Derived:
+    replicate, shard, _ = data_parallel_shape(config, world_size)
+    dp = replicate * shard
+    train = config.training
+    tokens_per_micro_batch = train.micro_batch_size * train.seq_len
+    per_pass = tokens_per_micro_batch * dp
+    if train.global_batch_tokens % per_pass:
+        raise ConfigError(
+            f"training.global_batch_tokens={train.global_batch_tokens}: must be a multiple of "
+            f"micro_batch_size {train.micro_batch_size} x seq_len {train.seq_len} x data-parallel degree {dp} "
+            f"= {per_pass}")
+    grad_accum_steps = train.global_batch_tokens // per_pass
+    total_steps = train.steps or math.ceil(train.total_tokens / train.global_batch_tokens)
+    warmup_steps = math.ceil(config.lr_schedule.warmup_tokens / train.global_batch_tokens)
+    return Derived(
+        world_size=world_size, data_parallel_degree=dp, tokens_per_micro_batch=tokens_per_micro_batch,
+        grad_accum_steps=grad_accum_steps, tokens_per_step=train.global_batch_tokens,
+        total_steps=total_steps, warmup_steps=warmup_steps,
+        total_tokens=total_steps * train.global_batch_tokens)
+
+
+def render(config: Config, derived: Derived | None) -> str:
+    """The resolved config as TOML-like text, then the derived values as comments."""
+    lines = []
+    for section, values in config.to_dict().items():
+        lines.append(f"[{section}]")
+        lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]
+        lines.append("")
+    if derived is not None:
+        lines.append("# derived")
+        lines += [f"# {key} = {value:,}" for key, value in dataclasses.asdict(derived).items()]
+    return "\n".join(lines)
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))

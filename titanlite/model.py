@@ -1,0 +1,188 @@
+"""The LLaMA-style decoder: embedding, pre-norm blocks (GQA attention + SwiGLU), RMSNorm, untied head.
+
+No parallelism code lives here. Activations are reshaped with `view(batch, seq, -1, head_dim)`
+so that tensor parallelism can shard heads without the model noticing, and blocks sit in a
+`ModuleDict` keyed by their index so parameter names stay stable in checkpoints.
+
+Initialization (LLaMA / GPT-2 style, as torchtitan does it):
+  - token embedding: normal(0, 1): RMSNorm rescales its output anyway;
+  - q/k/v, w1, w3: truncated normal(0, init_std);
+  - residual-stream writers (attention wo, FFN w2): truncated normal(0, init_std / sqrt(2 n_layers)),
+    so the variance of the residual stream does not grow with depth;
+  - output head: truncated normal(0, dim^-0.5), logits start at unit scale;
+  - RMSNorm weights: ones.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from titanlite.config import Model as ModelConfig
+from titanlite.rope import attention_softmax_scale, rope_tables
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalize in fp32: the mean of squares of bf16 activations loses precision.
+        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of x (batch, seq, heads, head_dim) in fp32.
+
+    cos, sin: (seq, head_dim/2) or (batch, seq, head_dim/2), already in fp32.
+    """
+    # bf16 has 8 mantissa bits: rotating in bf16 garbles large-angle positions, so rotate in fp32.
+    pairs = x.float().unflatten(-1, (-1, 2))
+    even, odd = pairs[..., 0], pairs[..., 1]
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
+    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.head_dim = config.dim // config.n_heads
+        self.n_heads, self.n_kv_heads = config.n_heads, config.n_kv_heads
+        self.wq = nn.Linear(config.dim, config.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(config.n_heads * self.head_dim, config.dim, bias=False)
+        self.softmax_scale: float | None = attention_softmax_scale(config)  # None = 1/sqrt(head_dim)
+        self.attention_fn = sdpa_causal  # swapped for a document-masked kernel by the data config
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask=None) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        # -1 instead of n_heads: under tensor parallelism each rank holds only its share of heads.
+        q = apply_rope(self.wq(x).view(batch, seq, -1, self.head_dim), cos, sin)
+        k = apply_rope(self.wk(x).view(batch, seq, -1, self.head_dim), cos, sin)
+        v = self.wv(x).view(batch, seq, -1, self.head_dim)
+        out = self.attention_fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.softmax_scale, mask)
+        return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
+
+
+def sdpa_causal(q, k, v, scale, mask=None):
+    """(batch, heads, seq, head_dim) -> same; causal; K/V heads broadcast over query groups (GQA)."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, intermediate_size: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, intermediate_size, bias=False)  # gate
+        self.w3 = nn.Linear(dim, intermediate_size, bias=False)  # up
+        self.w2 = nn.Linear(intermediate_size, dim, bias=False)  # down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attention = Attention(config)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.feed_forward = FeedForward(config.dim, config.intermediate_size)
+
+    def forward(self, x, cos, sin, mask=None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig, max_seq_len: int):
+        super().__init__()
+        if config.vocab_size <= 0:
+            raise ValueError("model.vocab_size must be resolved from the tokenizer before building the model")
+        self.config, self.max_seq_len = config, max_seq_len
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(config) for i in range(config.n_layers)})
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        # Not persistent: rebuilt from the config, so checkpoints hold only learned weights.
+        self.register_buffer("rope_cos", torch.empty(max_seq_len, config.dim // config.n_heads // 2), persistent=False)
+        self.register_buffer("rope_sin", torch.empty_like(self.rope_cos), persistent=False)
+        self.init_rope()
+
+    def init_rope(self) -> None:
+        if self.rope_cos.is_meta:
+            return
+        cos, sin = rope_tables(self.config, self.max_seq_len, self.rope_cos.device)
+        with torch.no_grad():
+            self.rope_cos.copy_(cos)
+            self.rope_sin.copy_(sin)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> None:
+        """LLaMA-style init (see module docstring); also fills the RoPE tables after `to_empty()`."""
+        if seed is not None:
+            torch.manual_seed(seed)
+        config = self.config
+        residual_std = config.init_std / math.sqrt(2 * config.n_layers)
+        nn.init.normal_(self.tok_embeddings.weight, mean=0.0, std=1.0)
+        for block in self.layers.values():
+            for linear in (block.attention.wq, block.attention.wk, block.attention.wv, block.feed_forward.w1,
+                           block.feed_forward.w3):
+                nn.init.trunc_normal_(linear.weight, std=config.init_std, a=-3 * config.init_std, b=3 * config.init_std)
+            for linear in (block.attention.wo, block.feed_forward.w2):
+                nn.init.trunc_normal_(linear.weight, std=residual_std, a=-3 * residual_std, b=3 * residual_std)
+            block.attention_norm.reset_parameters()
+            block.ffn_norm.reset_parameters()
+        self.norm.reset_parameters()
+        head_std = config.dim ** -0.5
+        nn.init.trunc_normal_(self.output.weight, std=head_std, a=-3 * head_std, b=3 * head_std)
+        self.init_rope()
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, mask=None) -> torch.Tensor:
+        """tokens (batch, seq) int64 -> logits (batch, seq, vocab).
+
+        positions (batch, seq): RoPE position of each token (restarting per document if the data
+        says so); None = 0..seq-1. mask: whatever the attention function takes (a FlexAttention
+        BlockMask for document masking), or None for plain causal attention.
+        """
+        seq = tokens.shape[1]
+        if positions is None:
+            cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
+        else:
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        h = self.tok_embeddings(tokens)
+        for block in self.layers.values():
+            h = block(h, cos, sin, mask)
+        return self.output(self.norm(h))
+
+    def num_params(self, exclude_embedding: bool = False) -> int:
+        total = sum(p.numel() for p in self.parameters())
+        return total - self.tok_embeddings.weight.numel() if exclude_embedding else total
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token: 6·N + 12·L·H·Q·T (PaLM appendix B convention).
+
+        N counts every matmul weight: all parameters except the token embedding (a lookup, no
+        matmul), the output head included; norms are counted but negligible. 12·L·H·Q·T is the
+        attention score and value matmuls (forward + backward) with H heads of dimension Q over T
+        tokens, counted without the causal half, as peers (PaLM, torchtitan, Megatron) do.
+        """
+        config = self.config
+        head_dim = config.dim // config.n_heads
+        return 6 * self.num_params(exclude_embedding=True) + 12 * config.n_layers * config.n_heads * head_dim * seq_len
+
+
+def build_model(config: ModelConfig, max_seq_len: int, device: torch.device | str = "meta") -> Transformer:
+    """The model on `device` (default meta: no memory until `to_empty()` and `init_weights()`)."""
+    with torch.device(device):
+        return Transformer(config, max_seq_len)

@@ -1,0 +1,179 @@
+"""The training loop, top to bottom: set-up, loop, tear-down.
+
+Launch through run_train.sh (torchrun), or `python -m titanlite.train --config debug_model`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from titanlite.config import Config, ConfigError, derive, load_config, render, world_size_from_env
+from titanlite.data import IGNORE_INDEX, build_dataloader
+from titanlite.metrics import MetricLogger, init_logging, peak_flops_per_device
+from titanlite.model import build_model
+from titanlite.optim import build_lr_scheduler, build_optimizer
+from titanlite.parallelize import ParallelDims, parallelize
+from titanlite.tokenizer import build_tokenizer, padded_vocab_size
+
+logger = logging.getLogger("titanlite")
+
+
+def cross_entropy_per_sample(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed token losses of each sample, fp32, (batch,); IGNORE_INDEX labels count 0."""
+    token_losses = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(0, 1),
+                                   reduction="none", ignore_index=IGNORE_INDEX)
+    return token_losses.view(labels.shape).sum(dim=1)
+
+
+def train_step(model, optimizer, micro_batches: list[dict], global_valid_tokens: torch.Tensor,
+               grad_clip: float, autocast) -> dict[str, torch.Tensor]:
+    """One optimizer step over this rank's micro-batches; returns device tensors (no host sync).
+
+    Loss normalisation: every token of the global batch weighs the same. Each micro-batch adds
+    sum(token losses) / `global_valid_tokens` (all ranks, all micro-batches), so the summed
+    gradient is the gradient of the global mean, whatever the layout or micro-batch split.
+    """
+    local_loss = torch.zeros((), device=global_valid_tokens.device)
+    per_sample = []
+    for batch in micro_batches:
+        with autocast:
+            logits = model(batch["input_ids"], positions=batch.get("positions"))
+        sample_losses = cross_entropy_per_sample(logits, batch["labels"])
+        loss = sample_losses.sum() / global_valid_tokens
+        del logits  # the logits are the largest activation: free them before the backward
+        loss.backward()
+        local_loss += loss.detach()
+        per_sample.append(sample_losses.detach())
+    parameters = [p for p in model.parameters() if p.grad is not None]
+    grad_norm = torch.nn.utils.clip_grad_norm_(parameters, grad_clip if grad_clip > 0 else float("inf"), foreach=True)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"loss": local_loss, "grad_norm": grad_norm, "sample_losses": torch.cat(per_sample)}
+
+
+def count_valid_tokens(micro_batches: list[dict], dims: ParallelDims) -> torch.Tensor:
+    """Tokens with a label in the global batch (all micro-batches, all DP ranks); stays on device."""
+    count = sum((batch["labels"] != IGNORE_INDEX).sum() for batch in micro_batches).float()
+    if dims.data_parallel_mesh is not None:
+        dist.all_reduce(count, group=dims.data_parallel_mesh.get_group())
+    return count
+
+
+def resolve_device(config: Config) -> torch.device:
+    wanted = config.training.device
+    if wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ConfigError("training.device='cuda' but no CUDA device is visible: set training.device=cpu")
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def train(config: Config) -> list[dict]:
+    """Run the configured training; returns the logged records (for tests and benchmarks)."""
+    # --- set-up: processes, device, mesh
+    world_size = world_size_from_env()
+    device = resolve_device(config)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    init_logging(rank)
+    derived = derive(config, world_size)
+    dims = ParallelDims.from_config(config, world_size)
+    dims.build_mesh(device.type)
+    torch.manual_seed(config.training.seed)
+    dump_folder = Path(config.job.dump_folder)
+    if rank == 0:
+        dump_folder.mkdir(parents=True, exist_ok=True)
+        (dump_folder / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+        logger.info("derived: %s", {k: v for k, v in derived.__dict__.items()})
+
+    # --- set-up: tokenizer, model, optimizer, data
+    tokenizer = build_tokenizer(config.tokenizer.path)
+    if config.model.vocab_size == 0:
+        config.model.vocab_size = padded_vocab_size(tokenizer.vocab_size, config.tokenizer.vocab_multiple)
+    elif config.model.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's "
+                          f"{tokenizer.vocab_size} ids: set model.vocab_size=0 to derive it")
+    use_bf16 = device.type == "cuda" and config.training.mixed_precision == "bf16"
+    model = build_model(config.model, config.training.seq_len, device="meta")
+    parallelize(model, dims, config, param_dtype=torch.bfloat16 if use_bf16 else torch.float32)
+    model.to_empty(device=device)
+    model.init_weights(seed=config.training.seed)
+    # FSDP casts parameters itself; without FSDP, autocast does it per matmul.
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 and not dims.fsdp_enabled
+                else contextlib.nullcontext())
+    optimizer = build_optimizer(model, config, device.type)
+    scheduler = build_lr_scheduler(optimizer, config, derived)
+    loader = build_dataloader(config, tokenizer, dims.data_parallel_rank, dims.data_parallel_degree)
+    data_iterator = iter(loader)
+    metrics = MetricLogger(dump_folder, rank, model.flops_per_token(config.training.seq_len),
+                           peak_flops_per_device(device, config.metrics.peak_flops),
+                           config.metrics.enable_tensorboard, config.metrics.enable_jsonl, device)
+    logger.info("model: %s parameters (%s without the embedding), %s FLOPs/token, %d grad-accum steps",
+                f"{model.num_params():,}", f"{model.num_params(exclude_embedding=True):,}",
+                f"{model.flops_per_token(config.training.seq_len):,}", derived.grad_accum_steps)
+
+    # --- the loop
+    step = 0
+    for step in range(1, derived.total_steps + 1):
+        wait_start = time.perf_counter()
+        micro_batches = [next(data_iterator) for _ in range(derived.grad_accum_steps)]
+        data_wait = time.perf_counter() - wait_start
+        micro_batches = [{k: v.to(device, non_blocking=True) for k, v in b.items()} for b in micro_batches]
+        valid_tokens = count_valid_tokens(micro_batches, dims)
+        result = train_step(model, optimizer, micro_batches, valid_tokens, config.training.grad_clip, autocast)
+        scheduler.step()
+        metrics.count(derived.grad_accum_steps * derived.tokens_per_micro_batch, data_wait)
+        if step == 1 or step % config.metrics.log_freq == 0 or step == derived.total_steps:
+            loss = result["loss"]
+            if dims.data_parallel_mesh is not None:
+                dist.all_reduce(loss, group=dims.data_parallel_mesh.get_group())
+            grad_norm = result["grad_norm"]
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+            metrics.log(step, {"loss": loss.item(), "grad_norm": grad_norm.item(),  # host sync: logging step only
+                               "lr": scheduler.get_last_lr()[0]})
+
+    # --- tear-down
+    if rank == 0 and metrics.history:
+        first, last = metrics.history[0], metrics.history[-1]
+        logger.info("done: %d steps, loss %.4f -> %.4f", step, first["loss"], last["loss"])
+    metrics.close()
+    return metrics.history
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Train a LLaMA-style model with titanlite.",
+                                     epilog="Any config key can be overridden: --section.key value")
+    parser.add_argument("--config", default=None, help="TOML file, or a name in train_configs/")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and derived values")
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        config = load_config(args.config, overrides)
+        derived = derive(config, world_size_from_env())
+        if args.print_config:
+            print(render(config, derived))
+            return
+        train(config)
+    except ConfigError as error:
+        print(f"titanlite: config error: {error}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
