@@ -177,9 +177,9 @@ CHOICES = {
 }
 
 
-def _convert(key: str, raw: Any, target: type) -> Any:
-    """Coerce a TOML or CLI value to the field's type, or raise a ConfigError naming the key."""
-    if isinstance(raw, str) and target is not str:
+def _convert(key: str, raw: Any, target: type, from_cli: bool) -> Any:
+    """Coerce a CLI string or a typed TOML value to the field's type, or raise a ConfigError naming the key."""
+    if from_cli and target is not str:
         text = raw.strip()
         try:
             if target is bool:
@@ -208,7 +208,7 @@ def _is_integral(text: str) -> bool:
         return False
 
 
-def _set(config: Config, dotted: str, raw: Any) -> None:
+def _set(config: Config, dotted: str, raw: Any, from_cli: bool = False) -> None:
     section_name, _, key = dotted.partition(".")
     sections = {f.name for f in dataclasses.fields(Config)}
     if section_name not in sections or not key:
@@ -217,7 +217,7 @@ def _set(config: Config, dotted: str, raw: Any) -> None:
     types = get_type_hints(type(section))
     if key not in types:
         raise ConfigError(f"unknown key {dotted!r}: valid keys in [{section_name}] are {sorted(types)}")
-    setattr(section, key, _convert(dotted, raw, types[key]))
+    setattr(section, key, _convert(dotted, raw, types[key], from_cli))
 
 
 def resolve_config_path(name_or_path: str) -> Path:
@@ -244,7 +244,7 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
             for key, value in values.items():
                 _set(config, f"{section}.{key}", value)
     for dotted, value in _pairs(overrides or []):
-        _set(config, dotted, value)
+        _set(config, dotted, value, from_cli=True)
     validate(config)
     return config
 

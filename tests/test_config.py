@@ -1,0 +1,110 @@
+"""Config: TOML + dotted overrides, every error class, derived values, the CLI's exit code."""
+
+import subprocess
+import sys
+
+import pytest
+
+from titanlite.config import ConfigError, derive, load_config, render
+
+
+def write(tmp_path, text):
+    path = tmp_path / "run.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_defaults_toml_then_cli_precedence(tmp_path):
+    path = write(tmp_path, "[optimizer]\nlr = 1e-3\n[training]\nsteps = 7\n")
+    config = load_config(path, ["--optimizer.lr", "2e-4", "--metrics.log_freq=3"])
+    assert config.optimizer.lr == 2e-4  # CLI beats TOML
+    assert config.training.steps == 7  # TOML beats default
+    assert config.metrics.log_freq == 3
+    assert config.optimizer.beta2 == 0.95  # default untouched
+
+
+def test_named_config_resolves_in_train_configs():
+    config = load_config("debug_model")
+    assert config.model.dim == 256 and config.training.seq_len == 256
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["--nosuch.key", "1"], "unknown config section 'nosuch'"),
+    (["--training.nosuch", "1"], "unknown key 'training.nosuch'"),
+    (["--training.steps", "ten"], "training.steps='ten': expected int"),
+    (["--training.steps", "1.5"], "training.steps='1.5': expected int"),
+    (["--compile.enable", "maybe"], "compile.enable='maybe': expected bool"),
+    (["--optimizer.lr", "-1e-4"], "optimizer.lr=-0.0001: must be > 0"),
+    (["--optimizer.beta2", "1.5"], "optimizer.beta2=1.5: must be in [0, 1]"),
+    (["--activation_checkpoint.mode", "some"], "allowed values are ['none', 'full', 'selective']"),
+    (["--model.n_kv_heads", "3"], "model.n_kv_heads=3: must divide model.n_heads=8"),
+    (["--training.steps"], "has no value"),
+    (["positional"], "unexpected argument 'positional'"),
+])
+def test_bad_overrides_name_the_key(overrides, fragment):
+    with pytest.raises(ConfigError, match=None) as error:
+        load_config("debug_model", overrides)
+    assert fragment in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_bad_toml_files(tmp_path):
+    with pytest.raises(ConfigError, match="unknown key 'model.dimension'"):
+        load_config(write(tmp_path, "[model]\ndimension = 3\n[training]\nsteps = 1\n"))
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        load_config(write(tmp_path, "[model\n"))
+    with pytest.raises(ConfigError, match="expected int, got str"):
+        load_config(write(tmp_path, "[model]\ndim = '3'\n[training]\nsteps = 1\n"))
+    with pytest.raises(ConfigError, match="not found"):
+        load_config("no_such_config")
+
+
+def test_toml_float_for_int_field_is_accepted_when_whole(tmp_path):
+    config = load_config(write(tmp_path, "[training]\ntotal_tokens = 1e12\n"))
+    assert config.training.total_tokens == 10 ** 12 and isinstance(config.training.total_tokens, int)
+
+
+def test_derived_values_follow_the_corrected_formula():
+    # SPEC: A = GB_tok / (micro_batch x seq_len x DP), DP excludes the TP ranks.
+    config = load_config("debug_model", [
+        "--training.seq_len", "4096", "--training.micro_batch_size", "4", "--training.global_batch_tokens", "4194304",
+        "--training.total_tokens", "1000000000000", "--training.steps", "0", "--lr_schedule.warmup_tokens", "3000000000",
+        "--parallelism.tensor_parallel_degree", "8"])
+    derived = derive(config, world_size=64)
+    assert derived.data_parallel_degree == 8
+    assert derived.grad_accum_steps == 4194304 // (4 * 4096 * 8) == 32
+    assert derived.total_steps == 238419  # ceil(1e12 / 4194304)
+    assert derived.warmup_steps == 716  # ceil(3e9 / 4194304) = 715.3 -> 716
+    assert derived.tokens_per_step == 4194304
+
+
+def test_indivisible_global_batch_and_bad_mesh_are_rejected():
+    config = load_config("debug_model", ["--training.global_batch_tokens", "10000"])
+    with pytest.raises(ConfigError, match="global_batch_tokens=10000: must be a multiple of"):
+        derive(config, world_size=1)
+    config = load_config("debug_model", ["--parallelism.tensor_parallel_degree", "4"])
+    with pytest.raises(ConfigError, match="world size 6 is not divisible"):
+        derive(config, world_size=6)
+    config = load_config("debug_model", ["--parallelism.data_parallel_shard_degree", "3"])
+    with pytest.raises(ConfigError, match="!= world size 4"):
+        derive(config, world_size=4)
+
+
+def test_render_contains_config_and_derived():
+    config = load_config("debug_model")
+    text = render(config, derive(config, 1))
+    assert "[training]" in text and "grad_accum_steps = 4" in text and "total_steps = 80" in text
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "titanlite.train", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_cli_print_config_and_error_exit_code():
+    printed = run_cli("--config", "debug_model", "--print-config", "--training.steps", "5")
+    assert printed.returncode == 0, printed.stderr
+    assert "steps = 5" in printed.stdout and "# grad_accum_steps = 4" in printed.stdout
+    failed = run_cli("--config", "debug_model", "--optimizer.lr", "-1")
+    assert failed.returncode == 2
+    assert failed.stderr.strip() == "titanlite: config error: optimizer.lr=-1.0: must be > 0"
+    assert "Traceback" not in failed.stderr
