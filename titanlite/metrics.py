@@ -21,7 +21,7 @@ PEAK_BF16_FLOPS = {
 
 def init_logging(rank: int) -> None:
     level = logging.INFO if rank == 0 else logging.WARNING
-    logging.basicConfig(level=level, format=f"[rank{rank}] %(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
+    logging.basicConfig(level=level, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
 
 
 def peak_flops_per_device(device: torch.device, override: float = 0.0) -> float:
