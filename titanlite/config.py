@@ -54,6 +54,7 @@ class Model:
     rope_beta_slow: float = 1.0  # YaRN ramp: rotations below this are fully interpolated
     attention: str = "sdpa"  # sdpa (causal, crosses documents) | flex (document mask)
     init_std: float = 0.02  # std of the input projections; output projections are depth-scaled
+    attention_head_dim_padding: str = "auto"  # auto | none | N: zero-pad head_dim to N for a fast SDPA kernel
 
 
 @dataclass
@@ -305,6 +306,10 @@ def validate(config: Config) -> None:
         raise ConfigError(f"model.dim/model.n_heads={model.dim // model.n_heads}: RoPE needs an even head dim")
     if model.n_heads % model.n_kv_heads:
         raise ConfigError(f"model.n_kv_heads={model.n_kv_heads}: must divide model.n_heads={model.n_heads}")
+    padding = model.attention_head_dim_padding
+    if padding not in ("auto", "none") and not (padding.isdigit() and int(padding) >= model.dim // model.n_heads):
+        raise ConfigError(f"model.attention_head_dim_padding={padding!r}: allowed are auto, none or an int >= "
+                          f"head_dim {model.dim // model.n_heads}")
     if model.rope_scaling == "yarn" and model.rope_scaling_factor < 1.0:
         raise ConfigError(f"model.rope_scaling_factor={model.rope_scaling_factor}: YaRN needs >= 1")
     if config.parallelism.data_parallel_shard_degree == 0 or config.parallelism.data_parallel_shard_degree < -1:

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from titanlite.attention_kernels import pad_head_dim
 from titanlite.config import Model as ModelConfig
 from titanlite.rope import attention_softmax_scale, rope_tables
 
@@ -64,6 +65,9 @@ class Attention(nn.Module):
         self.wo = nn.Linear(config.n_heads * self.head_dim, config.dim, bias=False)
         self.softmax_scale: float | None = attention_softmax_scale(config)  # None = 1/sqrt(head_dim)
         self.attention_fn = sdpa_causal  # swapped for a document-masked kernel by the data config
+        padding = config.attention_head_dim_padding  # a number once train.py resolved "auto" for the device
+        if padding.isdigit() and int(padding) != self.head_dim:
+            self.attention_fn = pad_head_dim(self.attention_fn, int(padding))  # a fast kernel takes the padded dim
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask=None) -> torch.Tensor:
         batch, seq, _ = x.shape

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from titanlite.attention_kernels import check_attention_kernel
 from titanlite.config import Config, ConfigError, derive, load_config, render, world_size_from_env
 from titanlite.data import IGNORE_INDEX, build_dataloader
 from titanlite.metrics import MetricLogger, init_logging, peak_flops_per_device
@@ -108,6 +109,7 @@ def train(config: Config) -> list[dict]:
         raise ConfigError(f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's "
                           f"{tokenizer.vocab_size} ids: set model.vocab_size=0 to derive it")
     use_bf16 = device.type == "cuda" and config.training.mixed_precision == "bf16"
+    check_attention_kernel(config, device)  # never a silent fallback to the math kernel
     model = build_model(config.model, config.training.seq_len, device="meta")
     parallelize(model, dims, config, param_dtype=torch.bfloat16 if use_bf16 else torch.float32)
     model.to_empty(device=device)
