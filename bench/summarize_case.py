@@ -1,0 +1,43 @@
+"""Turn one benchmark case's log (and titanlite's metrics.jsonl) into one JSON line on stdout."""
+
+import datetime
+import json
+import re
+import statistics
+import sys
+
+import torch
+
+framework, name, ngpu, rc, wall, log_path, metrics_path, args = sys.argv[1:9]
+record = {"framework": framework, "name": name, "ngpu": int(ngpu), "returncode": int(rc), "wall_s": int(wall),
+          "args": args, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+          "torch": torch.__version__, "date": datetime.date.today().isoformat()}
+log = re.sub(r"\x1b\[[0-9;]*m", "", open(log_path, errors="replace").read())
+if framework == "titanlite" and metrics_path:
+    try:
+        rows = [json.loads(line) for line in open(metrics_path)]
+    except FileNotFoundError:
+        rows = []
+    steady = [r for r in rows if r["step"] > max(r2["step"] for r2 in rows) / 3] if rows else []
+    for key, out in [("tokens_per_second_per_device", "tokens_per_second_per_gpu"), ("mfu_percent", "mfu_percent"),
+                     ("tflops_per_device", "tflops_per_gpu"), ("memory/max_allocated_gib", "peak_allocated_gib"),
+                     ("memory/max_reserved_gib", "peak_reserved_gib"), ("loss", "final_loss")]:
+        values = [r[key] for r in steady if key in r]
+        if values:
+            record[out] = values[-1] if key.startswith("memory") or key == "loss" else statistics.mean(values)
+    compile_times = re.findall(r"compil\w* [^\n]*?([\d.]+) ?s", log)
+    record["steps_logged"] = [r["step"] for r in steady]
+else:
+    # torchtitan: "step: 25  loss: ...  memory: 48.40GiB(...)  tps: 38,326  tflops: ...  mfu: 51.4%"
+    steps = []
+    for match in re.finditer(r"step:\s*(\d+).*?memory:\s*([\d.]+)GiB.*?tps:\s*([\d,]+).*?tflops:\s*([\d.]+).*?mfu:\s*([\d.]+)%", log):
+        steps.append([int(match[1]), float(match[2]), float(match[3].replace(",", "")), float(match[4]), float(match[5])])
+    steady = [s for s in steps if 20 <= s[0] <= 30] or steps[len(steps) // 2:]
+    if steady:
+        record.update(tokens_per_second_per_gpu=statistics.mean(s[2] for s in steady),
+                      tflops_per_gpu=statistics.mean(s[3] for s in steady),
+                      mfu_percent=statistics.mean(s[4] for s in steady), peak_reserved_gib=max(s[1] for s in steady),
+                      steps_logged=[s[0] for s in steady])
+if int(rc) != 0:
+    record["log_tail"] = log[-3000:]
+print(json.dumps(record))
