@@ -69,7 +69,7 @@ def test_derived_values_follow_the_corrected_formula():
     config = load_config("debug_model", [
         "--training.seq_len", "4096", "--training.micro_batch_size", "4", "--training.global_batch_tokens", "4194304",
         "--training.total_tokens", "1000000000000", "--training.steps", "0", "--lr_schedule.warmup_tokens", "3000000000",
-        "--parallelism.tensor_parallel_degree", "8"])
+        "--parallelism.tensor_parallel_degree", "8", "--model.n_kv_heads", "8"])
     derived = derive(config, world_size=64)
     assert derived.data_parallel_degree == 8
     assert derived.grad_accum_steps == 4194304 // (4 * 4096 * 8) == 32
@@ -108,3 +108,14 @@ def test_cli_print_config_and_error_exit_code():
     assert failed.returncode == 2
     assert failed.stderr.strip() == "titanlite: config error: optimizer.lr=-1.0: must be > 0"
     assert "Traceback" not in failed.stderr
+
+
+def test_readme_config_reference_is_current():
+    import importlib.util
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("config_reference", root / "scripts" / "config_reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    readme = (root / "README.md").read_text()
+    assert module.readme_with_reference(readme) == readme, "run: python scripts/config_reference.py --write"
