@@ -52,7 +52,8 @@ class Model:
     rope_original_max_position: int = 4096  # YaRN: context the base RoPE was designed for
     rope_beta_fast: float = 32.0  # YaRN ramp: rotations above this are not interpolated
     rope_beta_slow: float = 1.0  # YaRN ramp: rotations below this are fully interpolated
-    attention: str = "sdpa"  # sdpa (causal, crosses documents) | flex (document mask)
+    attention: str = "sdpa"  # sdpa (causal, crosses documents) | flex (FlexAttention document mask)
+    positions: str = "sequence"  # RoPE positions: sequence (0..seq_len-1) | document (restart per document)
     init_std: float = 0.02  # std of the input projections; output projections are depth-scaled
     attention_head_dim_padding: str = "auto"  # auto | none | N: zero-pad head_dim to N for a fast SDPA kernel
 
@@ -71,6 +72,9 @@ class Data:
     prefetch_factor: int = 2  # batches prefetched per worker (only with num_workers > 0)
     shuffle: bool = True  # shuffle rows by seed; each epoch reshuffles
     default_num_documents: int = 20000  # size of the generated default corpus
+    loss_across_documents: bool = False  # also train the prediction of a document's first token from the EOS before it
+    skip_bad_documents: bool = False  # raw sources: count and skip empty/invalid documents instead of stopping
+    text_field: str = "text"  # raw sources: the column holding the text
 
 
 @dataclass
@@ -166,6 +170,7 @@ class Config:
 CHOICES = {
     "model.rope_scaling": ("none", "yarn"),
     "model.attention": ("sdpa", "flex"),
+    "model.positions": ("sequence", "document"),
     "data.source": None,  # free path
     "optimizer.name": ("adamw",),
     "optimizer.implementation": ("auto", "fused", "foreach", "for-loop"),

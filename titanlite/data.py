@@ -1,79 +1,334 @@
-"""Training data: packed rows of seq_len + 1 tokens, split across data-parallel ranks.
+"""Training data: packed rows of seq_len + 1 tokens, in a seeded global order, split across DP ranks.
 
-Walking-skeleton version: the generated default corpus is tokenized in memory and packed.
-The loader keeps one *global* cursor (rows consumed by all ranks together), so a run can
-resume on a different number of data-parallel ranks without repeating or skipping rows.
+Sources (data.source):
+  "default"          the generated corpus (titanlite/corpus.py), tokenized and packed in memory;
+  a prepared folder  Parquet shards + manifest.json from `python -m titanlite.prepare`;
+  anything else      a raw `datasets` source (hub id, file, folder, glob), tokenized and packed in
+                     memory at start-up with the same code as prepare: for small runs only.
+
+The global order: epoch e visits the shards in an order seeded by (seed, e), and the rows of each
+shard in an order seeded by (seed, e, shard). Each micro-step consumes the next
+micro_batch x dp_degree rows of that order and rank r takes slice r, so ranks read disjoint rows
+and TP peers (same dp_rank) get identical batches. The only state is the *global* row cursor:
+a run resumes on any number of DP ranks at the same next sample, repeating and skipping nothing
+(a micro-step that does not fit in the rest of an epoch starts the next epoch instead).
 """
 
 from __future__ import annotations
 
-from typing import Iterator
+import json
+import logging
+from pathlib import Path
+from typing import Callable, Iterator
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from titanlite.config import Config
 from titanlite.corpus import DEFAULT_CORPUS_SEED, generate_documents
-from titanlite.tokenizer import Tokenizer
+from titanlite.tokenizer import Tokenizer, check_vocab_compatible
 
 IGNORE_INDEX = -100  # label value that the loss skips
+logger = logging.getLogger("titanlite")
 
 
-def pack_documents(documents: list[list[int]], eos_id: int, row_length: int) -> torch.Tensor:
-    """Join documents with EOS after each one and cut the stream into rows of `row_length` tokens.
+class DataError(ValueError):
+    """Data that cannot be used; the message names the file and the fix."""
 
-    The tail that does not fill a whole row is dropped. Returns int32 (rows, row_length).
+
+# --- row sources: shard sizes + load(shard) -> int32 (rows, seq_len + 1) -----------------------
+
+class InMemoryRows:
+    def __init__(self, rows: np.ndarray, name: str):
+        self.rows, self.name, self.shard_rows = rows, name, [len(rows)]
+
+    def load(self, shard: int) -> np.ndarray:
+        return self.rows
+
+
+class ShardedRows:
+    """The shards listed in a prepared folder's manifest.json, read whole, one at a time."""
+
+    def __init__(self, folder: Path, manifest: dict):
+        self.folder, self.row_length, self.name = folder, manifest["row_length"], str(folder)
+        self.shards = manifest["shards"]
+        self.shard_rows = [shard["rows"] for shard in self.shards]
+        for shard in self.shards:  # cheap checks up front: a missing or cut file fails now, not at hour 10
+            path = folder / shard["path"]
+            if not path.is_file():
+                raise DataError(f"shard {path} listed in {folder / 'manifest.json'} is missing: restore it or "
+                                "re-run the same titanlite.prepare command")
+            if path.stat().st_size != shard["bytes"]:
+                raise DataError(f"shard {path} has {path.stat().st_size} bytes, the manifest says {shard['bytes']}: "
+                                "it is truncated or was modified; re-run the same titanlite.prepare command")
+
+    def load(self, shard: int) -> np.ndarray:
+        path = self.folder / self.shards[shard]["path"]
+        try:
+            column = pq.read_table(path, columns=["tokens"]).column("tokens").combine_chunks()
+            rows = column.flatten().to_numpy().reshape(-1, self.row_length)
+        except (pa.ArrowException, OSError, ValueError, KeyError) as error:
+            raise DataError(f"shard {path} cannot be read ({type(error).__name__}: {error}): it is corrupt or "
+                            "truncated; re-run the same titanlite.prepare command to rewrite it") from error
+        if len(rows) != self.shard_rows[shard]:
+            raise DataError(f"shard {path} has {len(rows)} rows, the manifest says {self.shard_rows[shard]}: "
+                            "re-run the same titanlite.prepare command")
+        return rows
+
+
+# --- the global order --------------------------------------------------------------------------
+
+def step_start(cursor: int, rows_per_epoch: int, rows_per_step: int) -> int:
+    """Global row where the micro-step at `cursor` starts: the next epoch if it does not fit in this one."""
+    epoch, offset = divmod(cursor, rows_per_epoch)
+    return cursor if offset + rows_per_step <= rows_per_epoch else (epoch + 1) * rows_per_epoch
+
+
+class GlobalOrder:
+    """Maps a global row index to (shard, row in shard); seeded, reshuffled every epoch."""
+
+    def __init__(self, shard_rows: list[int], seed: int, shuffle: bool):
+        self.shard_rows, self.seed, self.shuffle = np.asarray(shard_rows, np.int64), seed, shuffle
+        self.rows_per_epoch = int(self.shard_rows.sum())
+        self._layouts: dict = {}
+        self._permutations: dict = {}
+
+    def _layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        if epoch not in self._layouts:
+            order = np.arange(len(self.shard_rows))
+            if self.shuffle:
+                order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shard_rows))
+            starts = np.concatenate([[0], np.cumsum(self.shard_rows[order])[:-1]])
+            self._layouts = {epoch: (order, starts)}  # one epoch at a time is enough
+        return self._layouts[epoch]
+
+    def _permutation(self, epoch: int, shard: int) -> np.ndarray:
+        key = (epoch, shard)
+        if key not in self._permutations:
+            if len(self._permutations) > 4:
+                self._permutations.clear()
+            size = int(self.shard_rows[shard])
+            self._permutations[key] = (np.random.default_rng([self.seed, epoch, shard]).permutation(size)
+                                       if self.shuffle else np.arange(size))
+        return self._permutations[key]
+
+    def locate(self, global_rows: np.ndarray) -> list[tuple[int, np.ndarray]]:
+        """Consecutive global rows -> [(shard, rows in shard)], in order; all in one epoch."""
+        epoch = int(global_rows[0]) // self.rows_per_epoch
+        offsets = global_rows - epoch * self.rows_per_epoch
+        order, starts = self._layout(epoch)
+        slot = np.searchsorted(starts, offsets, side="right") - 1
+        pieces = []
+        for s in np.unique(slot):  # consecutive offsets: slots ascend, so this keeps the order
+            shard = int(order[s])
+            pieces.append((shard, self._permutation(epoch, shard)[offsets[slot == s] - starts[s]]))
+        return pieces
+
+
+# --- micro-batches -----------------------------------------------------------------------------
+
+def make_batch(rows: np.ndarray, eos_id: int, loss_across_documents: bool, document_positions: bool,
+               document_ids: bool) -> dict[str, torch.Tensor]:
+    """int32 rows (batch, seq_len + 1) -> int64 (batch, seq_len) tensors.
+
+    input_ids, labels (next tokens; IGNORE_INDEX where the input is EOS, i.e. the prediction of
+    the next document's first token, unless `loss_across_documents`); document_ids (0, 1, ...
+    within the row; a document starts after each EOS); positions (restart at 0 per document).
     """
-    stream = [token for document in documents for token in (*document, eos_id)]
-    rows = len(stream) // row_length
-    return torch.tensor(stream[: rows * row_length], dtype=torch.int32).view(rows, row_length)
+    tokens = torch.from_numpy(rows.astype(np.int64))
+    inputs, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    is_eos = inputs == eos_id
+    if not loss_across_documents:
+        labels[is_eos] = IGNORE_INDEX
+    batch = {"input_ids": inputs, "labels": labels}
+    starts_document = F.pad(is_eos[:, :-1], (1, 0))
+    if document_ids:
+        batch["document_ids"] = starts_document.long().cumsum(1)
+    if document_positions:
+        index = torch.arange(inputs.shape[1]).expand_as(inputs)
+        batch["positions"] = index - torch.where(starts_document, index, 0).cummax(1).values
+    return batch
 
 
-class PackedLoader:
-    """Yields micro-batches {"input_ids", "labels"} (micro_batch, seq_len) int64 for one DP rank.
+class RankStream(IterableDataset):
+    """This rank's micro-batches from global row `start_row` on, forever (epochs repeat).
 
-    Each micro-step consumes `micro_batch x dp_degree` consecutive rows of the epoch's global
-    order; rank r takes its slice r. Epoch e is ordered by a permutation seeded with (seed, e).
+    With DataLoader workers, worker w yields micro-batches w, w + W, ...; the DataLoader takes them
+    round-robin, so the rank still sees exactly the global order.
     """
 
-    def __init__(self, rows: torch.Tensor, micro_batch_size: int, dp_rank: int, dp_degree: int,
-                 seed: int, shuffle: bool):
-        if rows.shape[0] < micro_batch_size * dp_degree:
-            raise ValueError(f"dataset has {rows.shape[0]} rows, fewer than one global micro-step "
-                             f"({micro_batch_size} x {dp_degree} ranks): use more data or a smaller batch")
-        self.rows, self.micro_batch_size, self.dp_rank, self.dp_degree = rows, micro_batch_size, dp_rank, dp_degree
-        self.seed, self.shuffle = seed, shuffle
-        self.global_row = 0  # rows consumed by all ranks together, over all epochs
+    def __init__(self, rows, order: GlobalOrder, start_row: int, micro_batch_size: int, dp_rank: int,
+                 dp_degree: int, batch_fn: Callable[[np.ndarray], dict]):
+        self.rows, self.order, self.start_row, self.batch_fn = rows, order, start_row, batch_fn
+        self.micro_batch_size, self.dp_rank, self.rows_per_step = micro_batch_size, dp_rank, micro_batch_size * dp_degree
+        self._cache: dict[int, np.ndarray] = {}
 
-    def _order(self, epoch: int) -> torch.Tensor:
-        if not self.shuffle:
-            return torch.arange(self.rows.shape[0])
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.rows.shape[0], generator=generator)
+    def _shard(self, shard: int) -> np.ndarray:
+        if shard not in self._cache:
+            if len(self._cache) >= 2:  # a micro-step spans at most two shards
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[shard] = self.rows.load(shard)
+        return self._cache[shard]
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        rows_per_step = self.micro_batch_size * self.dp_degree
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        cursor, index = self.start_row, 0
         while True:
-            epoch, offset = divmod(self.global_row, self.rows.shape[0])
-            if offset + rows_per_step > self.rows.shape[0]:  # an incomplete global step ends the epoch
-                self.global_row = (epoch + 1) * self.rows.shape[0]
-                continue
-            start = offset + self.dp_rank * self.micro_batch_size
-            indices = self._order(epoch)[start: start + self.micro_batch_size]
-            self.global_row += rows_per_step
-            batch = self.rows[indices].long()
-            yield {"input_ids": batch[:, :-1], "labels": batch[:, 1:]}
+            start = step_start(cursor, self.order.rows_per_epoch, self.rows_per_step)
+            cursor = start + self.rows_per_step
+            if index % workers == worker:
+                first = start + self.dp_rank * self.micro_batch_size
+                pieces = self.order.locate(np.arange(first, first + self.micro_batch_size, dtype=np.int64))
+                yield self.batch_fn(np.concatenate([self._shard(s)[rows] for s, rows in pieces]))
+            index += 1
+
+
+class StatefulLoader:
+    """Iterable of micro-batches with state_dict()/load_state_dict() holding the global row cursor.
+
+    The cursor counts rows handed to the training loop, not rows prefetched by workers; loading a
+    state while iterating restarts the workers at the new cursor.
+    """
+
+    def __init__(self, make_stream: Callable[[int], RankStream], loader_options: dict, rows_per_step: int,
+                 rows_per_epoch: int, seed: int, dataset_name: str):
+        self.make_stream, self.loader_options = make_stream, loader_options
+        self.rows_per_step, self.rows_per_epoch, self.seed, self.dataset_name = rows_per_step, rows_per_epoch, seed, dataset_name
+        self.global_row = 0  # rows consumed by all ranks together, over all epochs
+        self._generation = 0
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        while True:
+            generation = self._generation
+            for batch in DataLoader(self.make_stream(self.global_row), batch_size=None, **self.loader_options):
+                if generation != self._generation:
+                    break  # load_state_dict() moved the cursor: restart the workers there
+                self.global_row = step_start(self.global_row, self.rows_per_epoch, self.rows_per_step) + self.rows_per_step
+                yield batch
+
+    @property
+    def epoch(self) -> int:
+        return self.global_row // self.rows_per_epoch
 
     def state_dict(self) -> dict:
-        return {"global_row": self.global_row, "seed": self.seed}
+        return {"global_row": self.global_row, "seed": self.seed, "rows_per_epoch": self.rows_per_epoch,
+                "dataset": self.dataset_name}
 
     def load_state_dict(self, state: dict) -> None:
+        if int(state["seed"]) != self.seed or int(state["rows_per_epoch"]) != self.rows_per_epoch:
+            raise DataError(
+                f"the checkpoint's data position is for seed {int(state['seed'])} over {int(state['rows_per_epoch'])} rows "
+                f"({state.get('dataset')}), this run has seed {self.seed} over {self.rows_per_epoch} rows "
+                f"({self.dataset_name}): use the same training.seed and data, or start without resuming")
         self.global_row = int(state["global_row"])
+        self._generation += 1
 
 
-def build_dataloader(config: Config, tokenizer: Tokenizer, dp_rank: int, dp_degree: int) -> PackedLoader:
-    if config.data.source != "default":
-        raise ValueError(f"data.source={config.data.source!r}: only 'default' exists in this version")
-    documents = tokenizer.encode_batch(generate_documents(config.data.default_num_documents, seed=DEFAULT_CORPUS_SEED))
-    rows = pack_documents(documents, tokenizer.eos_id, config.training.seq_len + 1)
-    return PackedLoader(rows, config.training.micro_batch_size, dp_rank, dp_degree,
-                        config.training.seed, config.data.shuffle)
+# --- building ----------------------------------------------------------------------------------
+
+def pack_in_memory(token_lists: list[list[int]], row_length: int) -> np.ndarray:
+    """Documents (each ending in EOS) -> int32 rows; the tail shorter than a row is dropped."""
+    from titanlite.prepare import pack_rows
+
+    return pack_rows([np.asarray(tokens, np.int32) for tokens in token_lists], row_length)
+
+
+def open_prepared(folder: Path, config: Config, tokenizer: Tokenizer) -> ShardedRows:
+    manifest_path = folder / "manifest.json"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError) as error:
+        raise DataError(f"{manifest_path} cannot be read ({error}): re-run titanlite.prepare") from error
+    check_vocab_compatible(tokenizer, manifest["settings"]["tokenizer_fingerprint"], f"dataset manifest {manifest_path}")
+    if manifest["seq_len"] != config.training.seq_len:
+        raise DataError(f"{manifest_path} was prepared with seq_len {manifest['seq_len']} but training.seq_len="
+                        f"{config.training.seq_len}: set training.seq_len={manifest['seq_len']} or re-run "
+                        f"titanlite.prepare with --seq-len {config.training.seq_len}")
+    return ShardedRows(folder, manifest)
+
+
+def build_rows(config: Config, tokenizer: Tokenizer):
+    """The row source for data.source (see the module docstring)."""
+    from titanlite import prepare
+
+    source, row_length = config.data.source, config.training.seq_len + 1
+    if source == "default":
+        documents = generate_documents(config.data.default_num_documents, seed=DEFAULT_CORPUS_SEED)
+        rows = pack_in_memory(tokenizer.encode_batch(documents, eos=True), row_length)
+        return InMemoryRows(rows, f"default:{config.data.default_num_documents}")
+    folder = Path(source).expanduser()
+    if (folder / "manifest.json").exists():
+        return open_prepared(folder, config, tokenizer)
+    if (folder / prepare.STATE).exists():
+        raise DataError(f"data.source={source}: the preparation there is unfinished (no manifest.json): re-run "
+                        "the same titanlite.prepare command; it resumes")
+    if folder.is_dir() and not any(p.suffix in prepare.EXTENSION_FORMATS for p in folder.rglob("*")):
+        raise DataError(f"data.source={source}: folder has neither manifest.json nor raw data files: run "
+                        f"python -m titanlite.prepare --source RAW_DATA --output {source} --seq-len {config.training.seq_len}")
+    try:  # a raw source: tokenize and pack now, in this process
+        settings = prepare.Settings(
+            source=source, files=prepare.resolve_files(source), hub_config=None, split="train",
+            text_field=config.data.text_field, tokenizer=tokenizer.name, tokenizer_fingerprint=tokenizer.fingerprint,
+            seq_len=config.training.seq_len, rows_per_shard=0, skip_bad_documents=config.data.skip_bad_documents,
+            max_documents=0)
+        documents, skipped = [], {}
+        cache = Path(config.job.dump_folder) / "datasets_cache"
+        for where, row, _, tokens in prepare.iter_tokenized(settings, 1, 0, cache):
+            if isinstance(tokens, str):
+                if not settings.skip_bad_documents:
+                    raise DataError(f"{where} row {row}: {tokens}: fix the data, or set data.skip_bad_documents=true "
+                                    "to count and skip such documents")
+                skipped[tokens.split(" (")[0]] = skipped.get(tokens.split(" (")[0], 0) + 1
+                continue
+            documents.append(tokens)
+    except prepare.PrepareError as error:
+        raise DataError(str(error)) from error
+    if skipped:
+        logger.warning("data.source=%s: skipped bad documents %s (data.skip_bad_documents=true)", source, skipped)
+    rows = prepare.pack_rows(documents, row_length)
+    logger.info("data.source=%s: %d documents -> %d rows, tokenized at start-up", source, len(documents), len(rows))
+    return InMemoryRows(rows, source)
+
+
+def build_dataloader(config: Config, tokenizer: Tokenizer, dp_rank: int, dp_degree: int) -> StatefulLoader:
+    """This DP rank's loader: micro-batches {"input_ids", "labels"[, "positions", "document_ids"]},
+    int64 (micro_batch, seq_len). TP peers pass the same dp_rank."""
+    rows = build_rows(config, tokenizer)
+    data, micro_batch = config.data, config.training.micro_batch_size
+    order = GlobalOrder(rows.shard_rows, config.training.seed, data.shuffle)
+    if order.rows_per_epoch < micro_batch * dp_degree:
+        raise DataError(f"data.source={data.source} has {order.rows_per_epoch} rows of {config.training.seq_len + 1} "
+                        f"tokens, fewer than one global micro-step ({micro_batch} x {dp_degree} ranks): use more "
+                        "data or a smaller training.micro_batch_size")
+
+    def batch_fn(row_block: np.ndarray) -> dict:
+        return make_batch(row_block, tokenizer.eos_id, data.loss_across_documents,
+                          config.model.positions == "document", config.model.attention != "sdpa")
+
+    def make_stream(start_row: int) -> RankStream:
+        return RankStream(rows, order, start_row, micro_batch, dp_rank, dp_degree, batch_fn)
+
+    options = {"num_workers": data.num_workers, "pin_memory": data.pin_memory and torch.cuda.is_available()}
+    if data.num_workers > 0:
+        options["prefetch_factor"] = data.prefetch_factor
+    return StatefulLoader(make_stream, options, micro_batch * dp_degree, order.rows_per_epoch,
+                          config.training.seed, rows.name)
+
+
+def warn_if_data_bound(step: int, data_wait_fraction: float, config: Config) -> bool:
+    """Warn (and return True) when the loader took more than metrics.data_wait_warn_fraction of the
+    steps since the last log line; step 1 is exempt (it includes starting the workers)."""
+    threshold = config.metrics.data_wait_warn_fraction
+    if step <= 1 or threshold <= 0 or data_wait_fraction <= threshold:
+        return False
+    logger.warning(
+        "data loading took %.1f%% of step time (threshold %.1f%%): the GPU waits for data. Remedies: raise "
+        "data.num_workers (now %d) and data.prefetch_factor (now %d), keep data.pin_memory=true, put the shards on "
+        "faster local storage, and prepare the data with titanlite.prepare instead of tokenizing on the fly",
+        100 * data_wait_fraction, 100 * threshold, config.data.num_workers, config.data.prefetch_factor)
+    return True

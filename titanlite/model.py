@@ -23,6 +23,7 @@ from torch import nn
 
 from titanlite.attention_kernels import pad_head_dim
 from titanlite.config import Model as ModelConfig
+from titanlite.document_mask import build_document_mask, flex_document_attention
 from titanlite.rope import attention_softmax_scale, rope_tables
 
 
@@ -64,7 +65,8 @@ class Attention(nn.Module):
         self.wv = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(config.n_heads * self.head_dim, config.dim, bias=False)
         self.softmax_scale: float | None = attention_softmax_scale(config)  # None = 1/sqrt(head_dim)
-        self.attention_fn = sdpa_causal  # swapped for a document-masked kernel by the data config
+        # flex: attention stays inside each packed document (the mask comes from the data's document ids)
+        self.attention_fn = flex_document_attention if config.attention == "flex" else sdpa_causal
         padding = config.attention_head_dim_padding  # a number once train.py resolved "auto" for the device
         if padding.isdigit() and int(padding) != self.head_dim:
             self.attention_fn = pad_head_dim(self.attention_fn, int(padding))  # a fast kernel takes the padded dim
@@ -157,9 +159,12 @@ class Transformer(nn.Module):
 
         positions (batch, seq): RoPE position of each token (restarting per document if the data
         says so); None = 0..seq-1. mask: whatever the attention function takes (a FlexAttention
-        BlockMask for document masking), or None for plain causal attention.
+        BlockMask for document masking, or the document ids (batch, seq) to build it from), or None
+        for plain causal attention.
         """
         seq = tokens.shape[1]
+        if isinstance(mask, torch.Tensor):  # document ids (batch, seq): one block mask shared by all layers
+            mask = build_document_mask(mask)
         if positions is None:
             cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
         else:

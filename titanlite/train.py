@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from titanlite.attention_kernels import check_attention_kernel
 from titanlite.config import Config, ConfigError, derive, load_config, render, world_size_from_env
-from titanlite.data import IGNORE_INDEX, build_dataloader
+from titanlite.data import IGNORE_INDEX, build_dataloader, warn_if_data_bound
 from titanlite.metrics import MetricLogger, init_logging, peak_flops_per_device
 from titanlite.model import build_model
 from titanlite.optim import build_lr_scheduler, build_optimizer
@@ -49,7 +49,7 @@ def train_step(model, optimizer, micro_batches: list[dict], global_valid_tokens:
     per_sample = []
     for batch in micro_batches:
         with autocast:
-            logits = model(batch["input_ids"], positions=batch.get("positions"))
+            logits = model(batch["input_ids"], positions=batch.get("positions"), mask=batch.get("document_ids"))
         sample_losses = cross_entropy_per_sample(logits, batch["labels"])
         loss = sample_losses.sum() / global_valid_tokens
         del logits  # the logits are the largest activation: free them before the backward
@@ -145,8 +145,9 @@ def train(config: Config) -> list[dict]:
                 dist.all_reduce(loss, group=dims.data_parallel_mesh.get_group())
             grad_norm = result["grad_norm"]
             grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-            metrics.log(step, {"loss": loss.item(), "grad_norm": grad_norm.item(),  # host sync: logging step only
-                               "lr": scheduler.get_last_lr()[0]})
+            record = metrics.log(step, {"loss": loss.item(), "grad_norm": grad_norm.item(),  # host sync: logging step only
+                                        "lr": scheduler.get_last_lr()[0]})
+            warn_if_data_bound(step, record["data_wait_fraction"], config)
 
     # --- tear-down
     if rank == 0 and metrics.history:
