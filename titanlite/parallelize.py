@@ -1,18 +1,28 @@
 """Device mesh and model parallelization: TP -> activation checkpointing -> compile -> FSDP2.
 
-Walking-skeleton version: single process, or FSDP2 over all ranks. Tensor parallelism and
-activation checkpointing arrive with the parallelism work.
+Any world size maps onto a (dp_replicate, dp_shard, tp) mesh: TP inside a node, FSDP2 (or HSDP
+when dp_replicate > 1) over the rest. The model knows nothing of this: `parallelize()` swaps its
+weights for DTensors and wraps its blocks, and keeps every parameter name unchanged.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import logging
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
+                                               SequenceParallel, loss_parallel, parallelize_module)
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from titanlite.config import Config, data_parallel_shape
+
+logger = logging.getLogger("titanlite")
 
 
 @dataclass
@@ -24,6 +34,7 @@ class ParallelDims:
     tensor: int
     world_size: int
     mesh: DeviceMesh | None = None
+    dp_mesh: DeviceMesh | None = None  # (dp_replicate, dp_shard) flattened: ranks that read different data
 
     @classmethod
     def from_config(cls, config: Config, world_size: int) -> "ParallelDims":
@@ -38,36 +49,222 @@ class ParallelDims:
     def fsdp_enabled(self) -> bool:
         return self.data_parallel_degree > 1
 
+    @property
+    def tp_enabled(self) -> bool:
+        return self.tensor > 1
+
     def build_mesh(self, device_type: str) -> DeviceMesh | None:
         if self.world_size == 1:
             return None
         self.mesh = init_device_mesh(device_type, (self.replicate, self.shard, self.tensor),
                                      mesh_dim_names=("dp_replicate", "dp_shard", "tp"))
-        self.mesh[("dp_replicate", "dp_shard")]._flatten("dp")
+        self.dp_mesh = self.mesh[("dp_replicate", "dp_shard")]._flatten("dp")
         return self.mesh
 
     @property
     def data_parallel_rank(self) -> int:
         """This rank's index among the ranks that read different data (TP peers share it)."""
-        return 0 if self.mesh is None else self.mesh["dp"].get_local_rank()
+        return 0 if self.dp_mesh is None else self.dp_mesh.get_local_rank()
 
     @property
     def data_parallel_mesh(self) -> DeviceMesh | None:
         """The mesh over which losses and token counts are summed."""
-        return None if self.mesh is None else self.mesh["dp"]
+        return self.dp_mesh
+
+    @property
+    def fsdp_mesh(self) -> DeviceMesh:
+        """1-D (dp_shard) for FSDP, 2-D (dp_replicate, dp_shard) for HSDP."""
+        return self.mesh[("dp_replicate", "dp_shard")] if self.replicate > 1 else self.mesh["dp_shard"]
 
 
 def parallelize(model: nn.Module, dims: ParallelDims, config: Config, param_dtype: torch.dtype) -> nn.Module:
-    """Apply, in order: tensor parallel, activation checkpointing, compile, FSDP2. Mutates `model`."""
-    if config.compile.enable:
-        for name, block in model.layers.named_children():
-            model.layers.register_module(name, torch.compile(block, fullgraph=True))
-    if dims.fsdp_enabled:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    """Apply, in order: tensor parallel, activation checkpointing, compile, FSDP2. Mutates `model`.
 
-        mesh = dims.mesh["dp"]
-        policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    Call on the meta-device model, then `init_weights_layout_independent()`.
+    """
+    if dims.tp_enabled:
+        apply_tensor_parallel(model, dims.mesh["tp"])
+    if config.activation_checkpoint.mode != "none":
+        apply_activation_checkpointing(model, config.activation_checkpoint.mode,
+                                       config.activation_checkpoint.selective_option)
+    if config.compile.enable:
+        # Module.compile() compiles in place: parameter names keep no `_orig_mod.` prefix.
         for block in model.layers.values():
-            fully_shard(block, mesh=mesh, mp_policy=policy)
-        fully_shard(model, mesh=mesh, mp_policy=policy)
+            block.compile(fullgraph=True)
+    if dims.fsdp_enabled:
+        apply_fsdp(model, dims.fsdp_mesh, param_dtype, config.parallelism.fsdp_reshard_after_forward,
+                   config.parallelism.fsdp_cpu_offload)
     return model
+
+
+# --- tensor parallel
+
+def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
+    """Megatron-style TP with sequence parallel norms; heads and vocabulary split over `tp_mesh`.
+
+    Between blocks the residual stream is sharded on the sequence (Shard(1), as plain local
+    tensors); each attention / FFN all-gathers it, runs column-wise q/k/v (w1/w3) on its heads
+    (hidden slice) and reduce-scatters the row-wise wo (w2) back onto the sequence. The RoPE
+    tables and the mask pass through untouched (layout None). Logits stay vocab-sharded
+    (Shard(-1)) for `loss_parallel`, so the full logits are never gathered.
+    """
+    parallelize_module(model, tp_mesh, {
+        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
+        "norm": SequenceParallel(),
+        "output": ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1), use_local_output=False),
+    })
+    for block in model.layers.values():
+        parallelize_module(block, tp_mesh, {
+            "attention_norm": SequenceParallel(),
+            "attention": PrepareModuleInput(input_layouts=(Shard(1), None, None, None),
+                                            desired_input_layouts=(Replicate(), None, None, None)),
+            "attention.wq": ColwiseParallel(),
+            "attention.wk": ColwiseParallel(),
+            "attention.wv": ColwiseParallel(),
+            "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
+            "ffn_norm": SequenceParallel(),
+            "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+            "feed_forward.w1": ColwiseParallel(),
+            "feed_forward.w3": ColwiseParallel(),
+            "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
+        })
+
+
+def loss_context(dims: ParallelDims):
+    """A factory of context managers for the loss and its backward: `loss_parallel` under TP."""
+    return loss_parallel if dims.tp_enabled else contextlib.nullcontext
+
+
+# --- activation checkpointing
+
+# Outputs kept by per-op selective AC: the matmuls and attention (expensive to recompute) and
+# TP's reduce-scatter (recomputing it would repeat communication). Pointwise ops, norms and
+# RoPE are recomputed: cheap in FLOPs, large in memory.
+_SAVED_OPS = {
+    torch.ops.aten.mm.default,
+    torch.ops.aten.addmm.default,
+    torch.ops.aten.bmm.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+    torch.ops._c10d_functional.reduce_scatter_tensor.default,
+}
+
+
+def _save_matmuls_and_attention(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def selective_op_context():
+    """The `context_fn` of per-op selective AC (torch.utils.checkpoint's selective API)."""
+    return create_selective_checkpoint_contexts(_save_matmuls_and_attention)
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str, selective_option: str) -> None:
+    """full: every block; selective + int k: every k-th block (0, k, 2k, ...); selective + "op":
+    every block, keeping matmul / attention outputs and recomputing the rest."""
+    for index, block in enumerate(model.layers.values()):
+        if mode == "full" or (mode == "selective" and selective_option != "op" and index % int(selective_option) == 0):
+            _checkpoint_forward(block, context_fn=None)
+        elif mode == "selective" and selective_option == "op":
+            _checkpoint_forward(block, context_fn=selective_op_context)
+
+
+def _checkpoint_forward(block: nn.Module, context_fn) -> None:
+    # Replace the instance's forward rather than wrapping the module: a wrapper would rename
+    # every parameter (`_checkpoint_wrapped_module.`) and break checkpoint keys.
+    forward = block.forward
+    extra = {} if context_fn is None else {"context_fn": context_fn}
+
+    @functools.wraps(forward)
+    def checkpointed_forward(*args, **kwargs):
+        return checkpoint(forward, *args, use_reentrant=False, **extra, **kwargs)
+
+    block.forward = checkpointed_forward
+
+
+# --- FSDP2
+
+def apply_fsdp(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype, reshard_after_forward: str,
+               cpu_offload: bool) -> None:
+    """fully_shard the embedding, each block, [norm, output] together, then the root.
+
+    Parameters are gathered in `param_dtype` (bf16 on GPU) and gradients reduced in fp32.
+    Gradients are summed, not averaged, over the DP ranks: the loss is already divided by the
+    global token count (see train_step), so FSDP's division is switched off.
+    reshard_after_forward "default": free gathered weights after forward except for the last
+    group ([norm, output]), whose backward starts right away.
+    """
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
+    reshard = {"always": True, "never": False, "default": True}[reshard_after_forward]
+    shard = functools.partial(fully_shard, mesh=mesh, mp_policy=policy, offload_policy=offload)
+    shard(model.tok_embeddings, reshard_after_forward=reshard)
+    for block in model.layers.values():
+        shard(block, reshard_after_forward=reshard)
+    shard([model.norm, model.output], reshard_after_forward=reshard and reshard_after_forward != "default")
+    shard(model, reshard_after_forward=reshard)
+    for module in model.modules():
+        if hasattr(module, "set_gradient_divide_factor"):
+            module.set_gradient_divide_factor(1.0)
+            # Plain SUM collectives: gloo has no PREMUL_SUM, and a factor of 1 needs no scaling.
+            module.set_force_sum_reduction_for_comms(True)
+
+
+# --- initialization
+
+@torch.no_grad()
+def init_weights_layout_independent(model: nn.Module, build_reference, device: torch.device, seed: int) -> None:
+    """Give the (meta, parallelized) `model` the weights of `build_reference().init_weights(seed)`.
+
+    Every rank materializes the full, unsharded reference model on `device` with the same seed,
+    then copies its own shard of each tensor into `model`: the initial weights are bitwise the
+    same for every layout (1 process, FSDP, TP, HSDP), which the parity tests rely on. The cost
+    is one transient full fp32 copy per rank, 4 bytes/param: 7B: ~27 GiB, 13B: ~52 GiB (on the
+    GPU before optimizer state exists, or on the host with device=cpu: 8 ranks x that per node).
+    Models that do not fit start from a seed checkpoint instead (checkpoint.py).
+    """
+    model.to_empty(device=device)
+    reference = build_reference(device)
+    reference.init_weights(seed=seed)
+    reference_state = dict(reference.named_parameters())
+    for name, param in model.named_parameters():
+        full = reference_state[name].to(param.dtype)
+        if isinstance(param, DTensor):
+            param.to_local().copy_(distribute_tensor(full, param.device_mesh, param.placements).to_local())
+        else:
+            param.copy_(full)
+    del reference, reference_state
+    model.init_rope()
+
+
+# --- gradient clipping
+
+@torch.no_grad()
+def clip_grad_norm(parameters: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Clip to a global L2 norm over every shard on every rank; returns the norm before clipping.
+
+    The norm of DTensor gradients is a partial value per rank; `full_tensor()` combines them
+    over the whole FSDP x TP mesh, so every rank clips by the same, layout-independent factor.
+    max_norm <= 0 measures without clipping. Returns a plain 0-dim fp32 tensor (no host sync).
+    """
+    grads = [p.grad for p in parameters if p.grad is not None]
+    total_norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
+    if isinstance(total_norm, DTensor):
+        total_norm = total_norm.full_tensor()
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total_norm, foreach=True)
+    return total_norm
+
+
+def compile_loss(loss_fn, dims: ParallelDims, config: Config):
+    """torch.compile the loss so the fp32 upcast of the logits fuses into the cross-entropy.
+
+    Not under TP: the vocab-sharded loss_parallel path is already sharded and stays eager.
+    """
+    if config.compile.enable and not dims.tp_enabled:
+        return torch.compile(loss_fn)
+    return loss_fn
