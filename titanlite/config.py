@@ -133,9 +133,11 @@ class Checkpoint:
     enable: bool = False  # save checkpoints
     folder: str = "checkpoint"  # relative to job.dump_folder
     interval: int = 500  # steps between saves (the last step is always saved)
-    keep_latest_k: int = 0  # retention; 0 keeps all
-    resume: str = "auto"  # auto | never | path to a checkpoint
-    async_mode: str = "disabled"  # disabled | async
+    keep_latest_k: int = 0  # retention; 0 keeps all (the newest complete one is never deleted)
+    resume: str = "auto"  # auto (newest complete in folder) | never | path to a checkpoint
+    async_mode: str = "disabled"  # disabled | async (staged in pinned host memory, written while training)
+    initial_load_path: str = ""  # with nothing to resume: start from this checkpoint (seed, HF import)
+    initial_load_model_only: bool = True  # take only the weights from initial_load_path (step 0)
 
 
 @dataclass
@@ -145,6 +147,51 @@ class Metrics:
     enable_jsonl: bool = True  # write metrics.jsonl in the dump folder
     peak_flops: float = 0.0  # peak dense bf16 FLOP/s per device for MFU; 0 = by device name
     data_wait_warn_fraction: float = 0.05  # warn when the loader takes more of a step than this
+
+
+@dataclass
+class Health:
+    """Training-health detectors and their actions (titanlite/health.py). Windows count steps."""
+
+    enable: bool = True  # run the detectors and their actions
+    skip_nonfinite_steps: bool = True  # skip (on device) optimizer steps whose grad norm is inf/NaN
+    spike_window: int = 128  # recent normal steps the spike trend is fitted on
+    spike_min_history: int = 64  # steps of history before spikes are judged
+    spike_sigma: float = 6.0  # spike: log(loss) this many robust sigmas above the log-log trend
+    spike_sigma_early: float = 5.0  # the same within early_steps (the recipe: early spikes matter most)
+    spike_min_ratio: float = 1.1  # and loss at least this multiple of the trend
+    early_steps: int = 1000  # the early phase of the recipe's "first ~1k steps"
+    fault_ratio: float = 10.0  # loss >= this x the largest of the first 100 steps: a hardware or data fault
+    plateau_window: int = 5000  # the plateau fit spans at least this many steps...
+    plateau_window_fraction: float = 0.25  # ...and at least this fraction of the steps done
+    plateau_slope: float = 0.01  # plateau: loss falls less than this per e-fold (x2.718) of steps
+    divergence_window: int = 100  # steps of the sustained-rise median and of the overflow count
+    divergence_rise: float = 0.25  # diverged: that median this fraction above its best
+    max_overflow_steps: int = 5  # diverged: more skipped (non-finite gradient) steps than this in the window
+    grad_norm_factor: float = 10.0  # grad-norm watch: pre-clip norm above this x grad_clip...
+    grad_norm_fraction: float = 0.5  # ...on more than this fraction of the window, after warmup
+    grad_norm_window: int = 100  # steps of the grad-norm watch
+    spike_action: str = "capture"  # log | capture (write the batch to spikes/) | stop | rollback
+    plateau_action: str = "log"  # log | stop
+    divergence_action: str = "rollback"  # log | capture | stop | rollback
+    grad_norm_action: str = "log"  # log | stop | rollback
+    rollback_lr_factor: float = 0.5  # each rollback multiplies the LR by this (the recipe: halve it)
+    rollback_skip_data: bool = True  # after a rollback, skip the batches between the checkpoint and the failure
+    max_rollbacks: int = 3  # then stop
+    inject_nan_at_step: int = 0  # TESTING AID ONLY: make the loss NaN once at this step (0 = off)
+
+
+@dataclass
+class Profiling:
+    """PyTorch profiler traces and CUDA memory snapshots (titanlite/profiling.py)."""
+
+    enable_profiling: bool = False  # write Chrome traces per rank to <run>/profile_traces/
+    profile_freq: int = 100  # one profiled window every this many steps
+    profile_warmup: int = 3  # profiler warm-up steps inside each window (not recorded)
+    profile_active: int = 2  # recorded steps per window
+    record_memory_history: bool = False  # record allocation stacks for memory snapshots (slows allocation)
+    memory_snapshot_step: int = 0  # write a memory snapshot after this step (0 = never); also on demand:
+    # `touch <run>/dump_memory_snapshot` and the next log step writes one
 
 
 @dataclass
@@ -161,6 +208,8 @@ class Config:
     compile: Compile = field(default_factory=Compile)
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
     metrics: Metrics = field(default_factory=Metrics)
+    health: Health = field(default_factory=Health)
+    profiling: Profiling = field(default_factory=Profiling)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -180,6 +229,10 @@ CHOICES = {
     "parallelism.fsdp_reshard_after_forward": ("default", "always", "never"),
     "activation_checkpoint.mode": ("none", "full", "selective"),
     "checkpoint.async_mode": ("disabled", "async"),
+    "health.spike_action": ("log", "capture", "stop", "rollback"),
+    "health.plateau_action": ("log", "stop"),
+    "health.divergence_action": ("log", "capture", "stop", "rollback"),
+    "health.grad_norm_action": ("log", "stop", "rollback"),
 }
 
 
@@ -311,6 +364,7 @@ def validate(config: Config) -> None:
         raise ConfigError(f"model.dim/model.n_heads={model.dim // model.n_heads}: RoPE needs an even head dim")
     if model.n_heads % model.n_kv_heads:
         raise ConfigError(f"model.n_kv_heads={model.n_kv_heads}: must divide model.n_heads={model.n_heads}")
+    _validate_tensor_parallel(config)
     padding = model.attention_head_dim_padding
     if padding not in ("auto", "none") and not (padding.isdigit() and int(padding) >= model.dim // model.n_heads):
         raise ConfigError(f"model.attention_head_dim_padding={padding!r}: allowed are auto, none or an int >= "
@@ -326,6 +380,45 @@ def validate(config: Config) -> None:
         raise ConfigError(f"activation_checkpoint.selective_option={option!r}: allowed are 'op' or an int >= 1")
     if config.training.total_tokens == 0 and config.training.steps == 0:
         raise ConfigError("training.total_tokens=0 and training.steps=0: set one of them")
+    _validate_health(config.health, config.profiling)
+
+
+def _validate_health(health: Health, profiling: Profiling) -> None:
+    positive = ["spike_window", "spike_min_history", "spike_sigma", "spike_sigma_early", "spike_min_ratio",
+                "fault_ratio", "plateau_window", "plateau_slope", "divergence_window", "divergence_rise",
+                "grad_norm_factor", "grad_norm_window", "rollback_lr_factor"]
+    for key in positive:
+        if getattr(health, key) <= 0:
+            raise ConfigError(f"health.{key}={getattr(health, key)}: must be > 0")
+    for key in ("early_steps", "max_overflow_steps", "max_rollbacks", "inject_nan_at_step"):
+        if getattr(health, key) < 0:
+            raise ConfigError(f"health.{key}={getattr(health, key)}: must be >= 0")
+    for key in ("plateau_window_fraction", "grad_norm_fraction", "rollback_lr_factor"):
+        if not 0.0 <= getattr(health, key) <= 1.0:
+            raise ConfigError(f"health.{key}={getattr(health, key)}: must be in [0, 1]")
+    if health.spike_min_history > health.spike_window:
+        raise ConfigError(f"health.spike_min_history={health.spike_min_history}: must be <= health.spike_window="
+                          f"{health.spike_window}")
+    if profiling.profile_freq <= profiling.profile_warmup + profiling.profile_active or profiling.profile_active < 1:
+        raise ConfigError(f"profiling.profile_freq={profiling.profile_freq}: must exceed profile_warmup "
+                          f"{profiling.profile_warmup} + profile_active {profiling.profile_active} (and active >= 1)")
+    if profiling.profile_warmup < 0 or profiling.memory_snapshot_step < 0:
+        raise ConfigError("profiling.profile_warmup and profiling.memory_snapshot_step must be >= 0")
+
+
+def _validate_tensor_parallel(config: Config) -> None:
+    """Refuse a model that tensor_parallel_degree cannot split evenly (heads, FFN, vocabulary, sequence)."""
+    tp, model = config.parallelism.tensor_parallel_degree, config.model
+    vocab_key, vocab = ("model.vocab_size", model.vocab_size) if model.vocab_size else (
+        "tokenizer.vocab_multiple", config.tokenizer.vocab_multiple)
+    splits = [("model.n_heads", model.n_heads, "query heads"), ("model.n_kv_heads", model.n_kv_heads, "KV heads"),
+              ("model.intermediate_size", model.intermediate_size, "FFN columns"),
+              (vocab_key, vocab, "vocabulary rows"), ("training.seq_len", config.training.seq_len,
+                                                      "sequence-parallel positions")]
+    for key, value, what in splits:
+        if value % tp:
+            raise ConfigError(f"{key}={value}: tensor_parallel_degree={tp} must divide it (TP splits the {what}); "
+                              f"use a TP degree that divides {value}")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,487 @@
+"""Checkpoints: all training state saved with DCP, crash-safe, loadable under any layout.
+
+On disk, under <job.dump_folder>/<checkpoint.folder>/:
+    step-00000200/           complete: DCP files (.metadata, __<rank>_0.distcp) + meta.json
+    step-00000300.partial/   being written, or left by a crash: never loaded, removed later
+A save writes into `step-N.partial/`. DCP writes `.metadata` only after every rank's data is on
+disk; rank 0 then writes meta.json (step, tokens, layout, resolved config, for a person) and
+renames the folder to `step-N`. A rename is atomic, so a folder without the suffix is complete,
+and a kill -9 at any moment leaves the previous checkpoint as it was.
+
+What a checkpoint holds (DCP flattens it into keys like "model.layers.0.attention.wq.weight"):
+    model, optimizer        sharded tensors (DTensors under FSDP/TP); DCP reshards them on load,
+                            so a checkpoint saved on 2 x 2 GPUs loads on 4 x 1 or on one
+    lr_scheduler, train_state, health   small Python values, the same on every rank
+    dataloader              one copy per data-parallel rank ("dp<r>"). Loaded as saved under the
+                            same DP degree; else every rank loads dp0's copy, whose position is
+                            a global row cursor and so valid under any DP degree
+    rng                     CPU/CUDA/Python generator states per global rank ("rank<r>")
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+
+logger = logging.getLogger("titanlite")
+# Single-process runs pass no_dist=True on purpose; DCP still warns about it on every call.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+STEP_FOLDER = re.compile(r"^step-(\d+)$")
+PARTIAL = ".partial"
+MODEL_SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "intermediate_size", "vocab_size")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be saved or loaded; the message names the file and the fix."""
+
+
+class TrainState:
+    """Progress of the run: optimizer steps done and tokens consumed (all ranks together)."""
+
+    def __init__(self) -> None:
+        self.step, self.tokens_seen = 0, 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "tokens_seen": self.tokens_seen}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
+
+
+class ModelState:
+    """The model as DCP sees it: FQN -> tensor or DTensor, for plain, FSDP2 and TP models alike."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def state_dict(self) -> dict:
+        return get_model_state_dict(self.model)
+
+    def load_state_dict(self, state: dict) -> None:
+        set_model_state_dict(self.model, state)
+
+
+class OptimizerState:
+    """Optimizer state keyed by parameter FQN (not by index), so it survives re-sharding."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+        self.model, self.optimizer = model, optimizer
+
+    def state_dict(self) -> dict:
+        return get_optimizer_state_dict(self.model, self.optimizer)
+
+    def load_state_dict(self, state: dict) -> None:
+        set_optimizer_state_dict(self.model, self.optimizer, state)
+
+
+class _PerRankBlob:
+    """Save-only: this rank's state under its own key, as one opaque blob (its shape may vary)."""
+
+    def __init__(self, key: str, get_state):
+        self.key, self.get_state = key, get_state
+
+    def state_dict(self) -> dict:
+        buffer = io.BytesIO()
+        torch.save(self.get_state(), buffer)
+        return {self.key: buffer.getvalue()}
+
+    def load_state_dict(self, state: dict) -> None:  # makes it a DCP Stateful; loading is per rank
+        raise NotImplementedError("per-rank state is loaded by Checkpointer._load_per_rank")
+
+
+def describe(error: BaseException) -> str:
+    """One line for a failed save or load; DCP wraps each rank's exception with its traceback."""
+    if isinstance(error, CheckpointException) and error.failures:
+        ranks = sorted(error.failures)
+        failure = error.failures[ranks[0]]
+        cause = failure[0] if isinstance(failure, tuple) else failure
+        return f"{type(cause).__name__}: {cause} (rank {', '.join(map(str, ranks))})"
+    return f"{type(error).__name__}: {error}"
+
+
+def rng_state() -> dict:
+    state = {"cpu": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _fresh_folder(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)  # a partial left by a crash at this very step
+    path.mkdir(parents=True)
+
+
+def _fsync(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def publish(partial: Path, final: Path, meta: dict) -> None:
+    """Write meta.json into a fully written `partial` folder, then rename it to `final` (atomic)."""
+    (partial / "meta.json").write_text(json.dumps(meta, indent=2))
+    _fsync(partial / "meta.json")
+    replaced = final.with_name(final.name + ".replaced")
+    if final.exists():  # re-saving a step after a rollback: move the old one aside, never merge
+        shutil.rmtree(replaced, ignore_errors=True)
+        os.replace(final, replaced)
+    os.replace(partial, final)
+    _fsync(final.parent)  # the rename itself must survive a power loss
+    shutil.rmtree(replaced, ignore_errors=True)
+
+
+def read_checkpoint(path: Path):
+    """(meta.json dict, DCP Metadata) of a complete checkpoint, or a CheckpointError saying why not."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} does not exist or is not a folder")
+    if path.name.endswith(PARTIAL) or not (path / "meta.json").is_file():
+        raise CheckpointError(f"checkpoint {path} is incomplete (a save that did not finish: no meta.json); "
+                              f"load an earlier one or set checkpoint.resume=auto")
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+        step = int(meta["step"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{path / 'meta.json'} is corrupt ({error}): load an earlier checkpoint") from None
+    try:
+        metadata = dcp.FileSystemReader(str(path)).read_metadata()
+    except Exception as error:  # noqa: BLE001 - unpickling garbage raises anything
+        raise CheckpointError(f"{path / '.metadata'} is missing or corrupt ({type(error).__name__}: {error}): "
+                              f"load an earlier checkpoint") from None
+    needed: dict[str, int] = {}  # every data file must hold the bytes .metadata points to
+    for info in (metadata.storage_data or {}).values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        actual = (path / name).stat().st_size if (path / name).is_file() else None
+        if actual is None or actual < size:
+            state = "missing" if actual is None else f"truncated ({actual:,} of {size:,} bytes)"
+            raise CheckpointError(f"checkpoint file {path / name} is {state}: load an earlier checkpoint")
+    logger.debug("checkpoint %s: step %d", path, step)
+    return meta, metadata
+
+
+def _flat_tensors(tree, prefix: str):
+    """(dotted key, tensor) pairs of a nested dict/list, as DCP flattens it."""
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list) else ()
+    for key, value in items:
+        if isinstance(value, torch.Tensor):
+            yield f"{prefix}.{key}", value
+        else:
+            yield from _flat_tensors(value, f"{prefix}.{key}")
+
+
+def check_model_matches(path: Path, meta: dict, metadata, model_config, states: dict) -> None:
+    """Raise a CheckpointError naming the mismatch if `states` cannot load from the checkpoint."""
+    saved = meta.get("config", {}).get("model", {})
+    differences = [f"model.{field}={saved[field]} in the checkpoint, {getattr(model_config, field)} in the config"
+                   for field in MODEL_SHAPE_FIELDS if field in saved and saved[field] != getattr(model_config, field)]
+    if differences:
+        raise CheckpointError(f"checkpoint {path} does not fit this model: {'; '.join(differences)}: "
+                              f"use the checkpoint's model config, or a new job.dump_folder")
+    for name in ("model", "optimizer"):
+        if name not in states:
+            continue
+        for key, tensor in _flat_tensors(states[name].state_dict(), name):
+            entry = metadata.state_dict_metadata.get(key)
+            if not isinstance(entry, TensorStorageMetadata):
+                raise CheckpointError(f"checkpoint {path} has no tensor {key!r}: it was saved from another model "
+                                      f"or optimizer; use model-only loading or a matching checkpoint")
+            if tuple(entry.size) != tuple(tensor.shape):
+                raise CheckpointError(f"checkpoint {path}: {key} has shape {tuple(entry.size)} in the checkpoint "
+                                      f"but {tuple(tensor.shape)} in this model")
+
+
+def load_model_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Full (unsharded) model tensors of a checkpoint, on CPU, read by this one process; and meta.json."""
+    meta, metadata = read_checkpoint(path)
+    template = {key.removeprefix("model."): torch.empty(entry.size, dtype=entry.properties.dtype)
+                for key, entry in metadata.state_dict_metadata.items()
+                if key.startswith("model.") and isinstance(entry, TensorStorageMetadata)}
+    state = {"model": template}
+    dcp.load(state, checkpoint_id=str(path), no_dist=True)
+    return state["model"], meta
+
+
+def save_model_checkpoint(weights: dict[str, torch.Tensor], folder: Path, step: int, config) -> Path:
+    """A model-only checkpoint `folder/step-N`, written by this one process (seed, HF import)."""
+    final = Path(folder) / f"step-{step:08d}"
+    partial = final.with_name(final.name + PARTIAL)
+    _fresh_folder(partial)
+    dcp.save({"model": weights}, storage_writer=dcp.FileSystemWriter(str(partial)), no_dist=True)
+    publish(partial, final, {"step": step, "tokens_seen": 0, "model_only": True, "layout": {"world_size": 1},
+                             "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                             "torch_version": torch.__version__, "config": config.to_dict()})
+    return final
+
+
+class Checkpointer:
+    """Saves and restores `states` (Stateful objects) under <dump_folder>/<checkpoint.folder>.
+
+    states: "model" (nn.Module), "optimizer" (torch Optimizer), "lr_scheduler", "dataloader",
+    "train_state" (TrainState), optional "health"; anything with state_dict/load_state_dict.
+    Every method is collective under torch.distributed: call it on all ranks at the same point.
+    """
+
+    def __init__(self, config, dims, dump_folder, states: dict):
+        self.config, self.dims, self.settings = config, dims, config.checkpoint
+        self.folder = Path(dump_folder) / self.settings.folder
+        self.distributed = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if self.distributed else 0
+        # DCP's collectives run in the async writer thread too; their own gloo group keeps them
+        # off the training process group (and async save needs a CPU backend anyway).
+        self.group = dist.new_group(backend="gloo") if self.distributed else None
+        self.train_state = states["train_state"]
+        self.dataloader = states.get("dataloader")
+        self.states = {"model": ModelState(states["model"])}
+        optimizer = states.get("optimizer")
+        if optimizer is not None:
+            self.states["optimizer"] = OptimizerState(states["model"], optimizer)
+            # Async staging copies the state in the background: the update must wait for it.
+            optimizer.register_step_pre_hook(lambda *_: self._wait_for_staging())
+        self.states.update({name: states[name] for name in ("lr_scheduler", "train_state", "health")
+                            if states.get(name) is not None})
+        self.async_mode = self.settings.async_mode == "async"
+        self.stager = self._build_stager() if self.async_mode else None
+        self._staging = None  # future: the state is copied out, training may change it again
+        self._in_flight = None  # (step, upload future, publisher future or None, partial folder)
+        self._last_saved_step = None
+        self._warned: set[str] = set()
+        if self.settings.enable:
+            self._on_rank0(self._check_writable)
+
+    @staticmethod
+    def _build_stager():
+        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+        cuda = torch.cuda.is_available()
+        # Pinned host buffers (allocated once, reused) make the device-to-host copy fast and let
+        # it run on a side stream while training goes on.
+        return DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
+                                            use_async_staging=cuda, use_non_blocking_copy=cuda))
+
+    def _dcp_kwargs(self) -> dict:
+        return {"process_group": self.group} if self.distributed else {"no_dist": True}
+
+    def _on_rank0(self, operation) -> None:
+        """Run a file operation on rank 0 only; every rank raises if it failed, none waits forever."""
+        message = None
+        if self.rank == 0:
+            try:
+                operation()
+            except Exception as error:  # noqa: BLE001 - reported to every rank below
+                message = str(error) if isinstance(error, CheckpointError) else f"{type(error).__name__}: {error}"
+        if self.distributed:
+            box = [message]
+            dist.broadcast_object_list(box, src=0, group=self.group)
+            message = box[0]
+        if message:
+            raise CheckpointError(message)
+
+    def _check_writable(self) -> None:
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            probe = self.folder / f".write-test-{os.getpid()}"
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        except OSError as error:
+            raise CheckpointError(f"checkpoint folder {self.folder} is not writable ({error.strerror or error}): "
+                                  f"fix its permissions or set checkpoint.folder") from None
+
+    # --- saving
+    def maybe_save(self, step: int, force: bool = False) -> None:
+        """Save at every `checkpoint.interval` steps, or now if `force` (the last step, a clean stop)."""
+        if self.settings.enable and step != self._last_saved_step and (force or step % self.settings.interval == 0):
+            self.save(step)
+
+    def save(self, step: int) -> None:
+        self.wait()  # one save in flight at a time
+        final = self.folder / f"step-{step:08d}"
+        partial = final.with_name(final.name + PARTIAL)
+        self._on_rank0(lambda: _fresh_folder(partial))
+        meta = self._meta(step)
+        states = dict(self.states)
+        if self.dataloader is not None:
+            states["dataloader"] = _PerRankBlob(f"dp{self.dims.data_parallel_rank}", self.dataloader.state_dict)
+        states["rng"] = _PerRankBlob(f"rank{self.rank}", rng_state)
+        writer = dcp.FileSystemWriter(str(partial))
+        self._last_saved_step = step
+        if not self.async_mode:
+            try:
+                dcp.save(states, storage_writer=writer, **self._dcp_kwargs())
+            except (Exception, CheckpointException) as error:  # noqa: BLE001 - DCP's is a BaseException
+                self._fail(step, partial, error)
+            self._on_rank0(lambda: self._publish(partial, final, meta))
+            return
+        response = dcp.async_save(states, storage_writer=writer, async_stager=self.stager, **self._dcp_kwargs())
+        upload = getattr(response, "upload_completion", response)  # torch >= 2.9 returns both futures
+        self._staging = getattr(response, "staging_completion", None)
+        publisher = None
+        if self.rank == 0:  # publish as soon as the files are written, not at the next save
+            from concurrent.futures import ThreadPoolExecutor
+
+            executor = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-publish")
+            publisher = executor.submit(lambda: (upload.result(), self._publish(partial, final, meta)))
+            executor.shutdown(wait=False)
+        self._in_flight = (step, upload, publisher, partial)
+
+    def _meta(self, step: int) -> dict:
+        dims = self.dims
+        return {"step": step, "tokens_seen": self.train_state.tokens_seen, "model_only": False,
+                "layout": {"world_size": dims.world_size, "data_parallel_replicate": dims.replicate,
+                           "data_parallel_shard": dims.shard, "tensor_parallel": dims.tensor,
+                           "data_parallel_degree": dims.data_parallel_degree},
+                "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "torch_version": torch.__version__, "config": self.config.to_dict()}
+
+    def _publish(self, partial: Path, final: Path, meta: dict) -> None:
+        publish(partial, final, meta)
+        logger.info("checkpoint: saved step %d to %s", meta["step"], final)
+        self._apply_retention()
+
+    def _fail(self, step: int, partial: Path, error: Exception) -> None:
+        self._on_rank0(lambda: shutil.rmtree(partial, ignore_errors=True))  # free the space it took
+        newest = self._complete()[-1][1] if self._complete() else "none"
+        raise CheckpointError(f"saving step {step} to {partial} failed ({describe(error)}); "
+                              f"the previous checkpoint ({newest}) is intact: free space or fix the folder, "
+                              f"then resume") from None
+
+    def _wait_for_staging(self) -> None:
+        if self._staging is not None:
+            self._staging.result()
+            self._staging = None
+
+    def wait(self) -> None:
+        """Block until the save in flight (async mode) is on disk and visible."""
+        if self._in_flight is None:
+            return
+        step, upload, publisher, partial = self._in_flight
+        self._in_flight = None
+        self._wait_for_staging()
+        try:
+            upload.result()
+        except (Exception, CheckpointException) as error:  # noqa: BLE001
+            self._fail(step, partial, error)
+        self._on_rank0(lambda: publisher.result())
+
+    def close(self) -> None:
+        self.wait()
+        if self.stager is not None:
+            self.stager.close()
+            self.stager = None
+
+    # --- retention and discovery
+    def _complete(self, warn: bool = False) -> list[tuple[int, Path]]:
+        """(step, path) of the complete checkpoints in the folder, oldest first."""
+        found = []
+        for path in sorted(self.folder.iterdir()) if self.folder.is_dir() else []:
+            match = STEP_FOLDER.match(path.name)
+            if match and (path / "meta.json").is_file() and (path / ".metadata").is_file():
+                found.append((int(match[1]), path))
+            elif warn and path.name.startswith("step-") and path.name not in self._warned:
+                self._warned.add(path.name)
+                logger.warning("checkpoint: ignoring incomplete %s (a save that did not finish)", path)
+        return sorted(found)
+
+    def _apply_retention(self) -> None:
+        complete = self._complete()
+        newest = complete[-1][0] if complete else -1
+        doomed = [path for _, path in complete[:-self.settings.keep_latest_k]] if self.settings.keep_latest_k else []
+        for path in self.folder.iterdir():  # leftovers of crashed saves older than the newest
+            match = re.match(r"^step-(\d+)\.(partial|replaced)$", path.name)
+            if match and int(match[1]) < newest:
+                doomed.append(path)
+        for path in doomed:
+            try:
+                shutil.rmtree(path)
+            except OSError as error:
+                logger.warning("checkpoint: could not delete %s (%s); it stays", path, error)
+
+    def latest_complete(self) -> Path | None:
+        """The newest complete checkpoint in this run's folder (waits for a save in flight)."""
+        self.wait()
+        complete = self._complete(warn=True)
+        return complete[-1][1] if complete else None
+
+    # --- loading
+    def load(self, path: Path | str | None = None) -> int | None:
+        """Restore from `path`, or as checkpoint.resume says; returns the step loaded, None if none.
+
+        resume=auto: the newest complete checkpoint in this run's folder; else, if set,
+        checkpoint.initial_load_path (model only unless initial_load_model_only=false).
+        A model-only checkpoint sets the weights and returns None: training starts at step 1.
+        """
+        model_only = False
+        if path is None:
+            resume = self.settings.resume
+            path = None if resume == "never" else self.latest_complete() if resume == "auto" else Path(resume)
+            if path is None and self.settings.initial_load_path:
+                path, model_only = Path(self.settings.initial_load_path), self.settings.initial_load_model_only
+            if path is None:
+                return None
+        path = Path(path)
+        meta, metadata = read_checkpoint(path)
+        model_only = model_only or bool(meta.get("model_only"))
+        present = {key.split(".", 1)[0] for key in metadata.state_dict_metadata}
+        states = {"model": self.states["model"]} if model_only else {}
+        for name, state in ({} if model_only else self.states).items():
+            if name in present or name in ("model", "optimizer"):
+                states[name] = state
+            else:
+                logger.warning("checkpoint: %s has no %r state; it keeps its current value", path, name)
+        check_model_matches(path, meta, metadata, self.config.model, states)
+        try:
+            dcp.load(states, checkpoint_id=str(path), **self._dcp_kwargs())
+            if not model_only:
+                self._load_per_rank(path, meta, metadata)
+        except (Exception, CheckpointException) as error:  # noqa: BLE001
+            raise CheckpointError(f"loading {path} failed ({describe(error)})") from None
+        saved = meta.get("layout", {})
+        logger.info("checkpoint: loaded %s%s (saved on %s ranks, now %d)", path, " (model only)" if model_only else "",
+                    saved.get("world_size", "?"), self.dims.world_size)
+        if model_only:
+            return None
+        self._last_saved_step = self.train_state.step
+        return self.train_state.step
+
+    def _load_per_rank(self, path: Path, meta: dict, metadata) -> None:
+        """Data-loader position and RNG states: each rank picks its own copy (see module docstring)."""
+        same_dp = meta.get("layout", {}).get("data_parallel_degree") == self.dims.data_parallel_degree
+        wanted = {"rng": (f"rank{self.rank}", set_rng_state)}
+        if self.dataloader is not None:
+            wanted["dataloader"] = (f"dp{self.dims.data_parallel_rank}" if same_dp else "dp0",
+                                    self.dataloader.load_state_dict)
+        holder = {}
+        for name, (key, _) in wanted.items():
+            if f"{name}.{key}" in metadata.state_dict_metadata:
+                holder[name] = {key: b""}
+            else:
+                logger.warning("checkpoint: %s has no %s state %r; it keeps its current value", path, name, key)
+        dcp.load(holder, checkpoint_id=str(path), **self._dcp_kwargs())  # collective: also when empty
+        for name, values in holder.items():
+            key, apply = wanted[name]
+            apply(torch.load(io.BytesIO(values[key]), weights_only=False))
