@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from titanlite.config import Config
 from titanlite.corpus import DEFAULT_CORPUS_SEED, generate_documents
+from titanlite.prepare import file_sha256
 from titanlite.tokenizer import Tokenizer, check_vocab_compatible
 
 IGNORE_INDEX = -100  # label value that the loss skips
@@ -68,6 +69,10 @@ class ShardedRows:
 
     def load(self, shard: int) -> np.ndarray:
         path = self.folder / self.shards[shard]["path"]
+        # ~50 ms per 64 MiB shard, once per shard per worker: corrupt bytes never become silent garbage.
+        if file_sha256(path) != self.shards[shard]["sha256"]:
+            raise DataError(f"shard {path}: checksum differs from {self.folder / 'manifest.json'}: the file is "
+                            "corrupt or was modified; re-run the same titanlite.prepare command to rewrite it")
         try:
             column = pq.read_table(path, columns=["tokens"]).column("tokens").combine_chunks()
             rows = column.flatten().to_numpy().reshape(-1, self.row_length)

@@ -29,6 +29,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import shutil
 import sys
 import time
 from collections import deque
@@ -146,7 +147,7 @@ def iter_texts(settings: Settings, cache_dir: Path) -> Iterator[tuple[str, int, 
             if where:
                 raise PrepareError(f"{file}: invalid UTF-8 at {where}: re-encode the file "
                                    "(e.g. iconv -f latin1 -t utf-8) or remove that line") from error
-            raise PrepareError(f"{file}: cannot be read as {builder} after row {row} "
+            raise PrepareError(f"{file}: cannot be read as {builder} after {row + 1} good rows "
                                f"({type(error).__name__}: {error}): fix or remove the file") from error
 
 
@@ -377,6 +378,7 @@ def prepare(settings: Settings, output: Path, workers: int = 1, progress: bool =
         "shards": [{k: v for k, v in shard.items() if k != "resume"} for shard in shards]}
     _write_json(output / MANIFEST, manifest)
     (output / STATE).unlink(missing_ok=True)
+    shutil.rmtree(output / ".cache", ignore_errors=True)  # only `datasets` lock files
     return manifest
 
 

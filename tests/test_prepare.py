@@ -1,0 +1,198 @@
+"""titanlite.prepare: packing, determinism, resume, bad input."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from titanlite import prepare as prep
+from titanlite.corpus import generate_documents
+from titanlite.tokenizer import build_tokenizer
+
+SEQ_LEN = 32
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer("default")
+
+
+def write_jsonl(path: Path, texts: list) -> Path:
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return path
+
+
+def settings_for(source: str, tokenizer, rows_per_shard: int = 10, skip: bool = False) -> prep.Settings:
+    return prep.Settings(source=source, files=prep.resolve_files(source), hub_config=None, split="train",
+                         text_field="text", tokenizer=tokenizer.name, tokenizer_fingerprint=tokenizer.fingerprint,
+                         seq_len=SEQ_LEN, rows_per_shard=rows_per_shard, skip_bad_documents=skip, max_documents=0)
+
+
+def read_shards(folder: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    tables = [pq.read_table(folder / s["path"]) for s in manifest["shards"]]
+    table = pa.concat_tables(tables)
+    rows = np.asarray(table.column("tokens").to_pylist(), dtype=np.int64)
+    return rows, table.column("first_document").to_numpy(), table.column("first_position").to_numpy()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """Two jsonl files; one document is far longer than a row."""
+    folder = tmp_path_factory.mktemp("raw")
+    texts = generate_documents(60, seed=11)
+    texts[7] = " ".join(["a long document"] * 120)  # ~360 tokens: spans many 33-token rows
+    write_jsonl(folder / "part0.jsonl", texts[:35])
+    write_jsonl(folder / "part1.jsonl", texts[35:])
+    return folder, texts
+
+
+def test_packing_round_trip(tmp_path, corpus, tokenizer):
+    folder, texts = corpus
+    manifest = prep.prepare(settings_for(str(folder), tokenizer), tmp_path / "out", progress=False)
+    # Independent reference: the token stream, each document followed by EOS, in file order.
+    documents = [tokenizer.encode(t) + [tokenizer.eos_id] for t in texts]
+    stream = np.concatenate([np.asarray(d) for d in documents])
+    rows, first_document, first_position = read_shards(tmp_path / "out")
+    row_length = SEQ_LEN + 1
+    assert rows.shape == (len(stream) // row_length, row_length)
+    assert np.array_equal(rows.reshape(-1), stream[: rows.size])
+    assert manifest["num_rows"] == len(rows) and manifest["num_tokens"] == rows.size
+    assert manifest["num_documents"] == len(texts)
+    assert manifest["dropped_tail_tokens"] == len(stream) - rows.size
+    assert [s["rows"] for s in manifest["shards"]] == [10] * (len(rows) // 10) + ([len(rows) % 10] if len(rows) % 10 else [])
+    # first_document / first_position locate each row's first token in the document list.
+    starts = np.cumsum([0] + [len(d) for d in documents])
+    for r in range(len(rows)):
+        offset = r * row_length
+        doc = int(np.searchsorted(starts, offset, side="right") - 1)
+        assert (first_document[r], first_position[r]) == (doc, offset - starts[doc])
+    assert (first_document == 7).sum() >= 10 and first_position[first_document == 7].max() > row_length
+    for shard in manifest["shards"]:
+        assert prep.file_sha256(tmp_path / "out" / shard["path"]) == shard["sha256"]
+    assert manifest["settings"]["tokenizer_fingerprint"] == tokenizer.fingerprint
+    assert not (tmp_path / "out" / prep.STATE).exists()
+
+
+def test_byte_identical_across_runs_and_worker_counts(tmp_path, corpus, tokenizer):
+    folder, _ = corpus
+    prep.prepare(settings_for(str(folder), tokenizer), tmp_path / "one", workers=1, progress=False)
+    prep.prepare(settings_for(str(folder), tokenizer), tmp_path / "two", workers=2, progress=False)
+    names = sorted(p.name for p in (tmp_path / "one").glob("*.*"))
+    assert names == sorted(p.name for p in (tmp_path / "two").glob("*.*")) and len(names) > 3
+    for name in names:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_interrupted_run_resumes_and_skips_finished_shards(tmp_path, corpus, tokenizer, monkeypatch):
+    folder, _ = corpus
+    settings = settings_for(str(folder), tokenizer)
+    prep.prepare(settings, tmp_path / "full", progress=False)
+    real_write, written = prep.write_shard, []
+
+    def interrupted_write(path, *args):
+        if len(written) == 3:
+            raise Interrupt
+        written.append(path.name)
+        return real_write(path, *args)
+
+    monkeypatch.setattr(prep, "write_shard", interrupted_write)
+    with pytest.raises(Interrupt):
+        prep.prepare(settings, tmp_path / "cut", progress=False)
+    assert not (tmp_path / "cut" / "manifest.json").exists() and (tmp_path / "cut" / prep.STATE).exists()
+    # Damage the third finished shard: the resumed run must rewrite it, and keep the first two.
+    (tmp_path / "cut" / "shard_00002.parquet").write_bytes(b"garbage")
+    written.clear()
+    monkeypatch.setattr(prep, "write_shard", lambda path, *a: written.append(path.name) or real_write(path, *a))
+    prep.prepare(settings, tmp_path / "cut", progress=False)
+    assert written[0] == "shard_00002.parquet" and "shard_00000.parquet" not in written
+    for path in (tmp_path / "full").iterdir():
+        assert (tmp_path / "cut" / path.name).read_bytes() == path.read_bytes(), path.name
+
+
+def test_resume_refuses_other_settings(tmp_path, corpus, tokenizer, monkeypatch):
+    folder, _ = corpus
+    monkeypatch.setattr(prep, "write_shard", lambda *a: (_ for _ in ()).throw(Interrupt()))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / prep.STATE).write_text(json.dumps({"settings": {"seq_len": 4}, "shards": []}))
+    with pytest.raises(prep.PrepareError, match="other settings"):
+        prep.prepare(settings_for(str(folder), tokenizer), tmp_path / "out", progress=False)
+
+
+def test_text_and_parquet_sources(tmp_path, tokenizer):
+    texts = generate_documents(12, seed=2)
+    (tmp_path / "a.txt").write_text("\n".join(t.replace("\n", " ") for t in texts) + "\n")
+    pq.write_table(pa.table({"text": texts}), tmp_path / "b.parquet")
+    for name in ("a.txt", "b.parquet"):
+        manifest = prep.prepare(settings_for(str(tmp_path / name), tokenizer), tmp_path / f"out_{name}", progress=False)
+        rows, _, _ = read_shards(tmp_path / f"out_{name}")
+        expected = [tokenizer.encode(t.replace("\n", " ") if name == "a.txt" else t) + [tokenizer.eos_id]
+                    for t in texts]
+        assert np.array_equal(rows.reshape(-1), np.concatenate(expected)[: rows.size])
+        assert manifest["num_documents"] == 12
+
+
+@pytest.mark.parametrize("bad", ["", "  \n "])
+def test_empty_document_names_file_and_row_or_is_counted(tmp_path, tokenizer, bad):
+    texts = generate_documents(20, seed=4)
+    texts[5] = bad
+    source = write_jsonl(tmp_path / "docs.jsonl", texts)
+    with pytest.raises(prep.PrepareError, match=r"docs.jsonl row 5: empty document.*--skip-bad-documents"):
+        prep.prepare(settings_for(str(source), tokenizer), tmp_path / "out", progress=False)
+    manifest = prep.prepare(settings_for(str(source), tokenizer, skip=True), tmp_path / "skip", progress=False)
+    assert manifest["skipped_documents"] == {"empty document": 1} and manifest["num_documents"] == 19
+    rows, _, _ = read_shards(tmp_path / "skip")
+    expected = [tokenizer.encode(t) + [tokenizer.eos_id] for i, t in enumerate(texts) if i != 5]
+    assert np.array_equal(rows.reshape(-1), np.concatenate(expected)[: rows.size])
+
+
+def test_unpaired_surrogate(tmp_path, tokenizer):
+    # In a json file Arrow refuses it and the error names the file and row; a hub source can
+    # still hand one over, which the per-document check catches.
+    source = write_jsonl(tmp_path / "docs.jsonl", ["fine text here"] * 5 + ["ok \ud800 no"])
+    with pytest.raises(prep.PrepareError, match=r"docs.jsonl: cannot be read as json.*row 5.*fix or remove"):
+        prep.prepare(settings_for(str(source), tokenizer), tmp_path / "out", progress=False)
+    tokens = prep.tokenize_chunk(["fine", "ok \ud800 no"], tokenizer)
+    assert tokens[1].startswith("invalid UTF-8") and list(tokens[0]) == tokenizer.encode("fine", eos=True)
+
+
+def test_invalid_utf8_file_names_the_line(tmp_path, tokenizer):
+    source = tmp_path / "broken.jsonl"
+    good = "".join(json.dumps({"text": t}) + "\n" for t in generate_documents(5, seed=1))
+    source.write_bytes(good.encode() + b'{"text": "caf\xe9 latin-1"}\n')
+    with pytest.raises(prep.PrepareError, match=r"broken.jsonl: invalid UTF-8 at line 6.*re-encode"):
+        prep.prepare(settings_for(str(source), tokenizer), tmp_path / "out", progress=False)
+
+
+def test_bad_sources(tmp_path, tokenizer):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(prep.PrepareError, match="folder has no"):
+        prep.resolve_files(str(tmp_path / "empty"))
+    with pytest.raises(prep.PrepareError, match="no such file"):
+        prep.resolve_files(str(tmp_path / "missing.jsonl"))
+    with pytest.raises(prep.PrepareError, match="matches no file"):
+        prep.resolve_files(str(tmp_path / "*.jsonl"))
+    source = write_jsonl(tmp_path / "tiny.jsonl", ["one two"])
+    with pytest.raises(prep.PrepareError, match="fewer than seq_len"):
+        prep.prepare(settings_for(str(source), tokenizer), tmp_path / "out", progress=False)
+    (tmp_path / "other.jsonl").write_text(json.dumps({"content": "x"}) + "\n")
+    with pytest.raises(prep.PrepareError, match=r"row 0: no field 'text'.*--text-field"):
+        prep.prepare(settings_for(str(tmp_path / "other.jsonl"), tokenizer), tmp_path / "out2", progress=False)
+
+
+def test_cli(tmp_path, capsys, corpus):
+    folder, _ = corpus
+    prep.main(["--source", str(folder), "--output", str(tmp_path / "out"), "--seq-len", "64", "--workers", "1",
+               "--no-progress"])
+    assert "prepared 60 documents" in capsys.readouterr().out
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["seq_len"] == 64
+    with pytest.raises(SystemExit) as exit_info:
+        prep.main(["--source", str(tmp_path / "nothing"), "--output", str(tmp_path / "x"), "--seq-len", "64"])
+    assert exit_info.value.code == 2 and "no such file" in capsys.readouterr().err
