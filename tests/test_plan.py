@@ -1,0 +1,112 @@
+"""titanlite.plan: counts against the real model (meta device), memory bookkeeping, warnings, CLI."""
+
+import json
+import math
+
+import pytest
+
+from titanlite.config import load_config
+from titanlite.model import build_model
+from titanlite.plan import (Layout, compare_layouts, count_parameters, estimate_memory, expected_peak_lr,
+                            flops_per_token, main, plan)
+
+RECIPES = [f"{size}_{context}" for size in ("3b", "7b", "13b") for context in ("4k", "8k")]
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_counts_and_flops_equal_the_instantiated_model(name):
+    config = load_config(f"{name}.toml")
+    model = build_model(config.model, config.training.seq_len, device="meta")
+    counts = count_parameters(config)
+    assert counts.total == model.num_params()
+    assert counts.non_embedding == model.num_params(exclude_embedding=True)
+    assert counts.embedding == model.tok_embeddings.weight.numel()
+    assert counts.per_block == sum(p.numel() for p in model.layers["0"].parameters())
+    assert flops_per_token(config) == model.flops_per_token(config.training.seq_len)
+
+
+def test_lr_anchors_are_the_recipe_shapes():
+    assert count_parameters(load_config("7b_4k.toml")).non_embedding == 6_196_301_824
+    assert count_parameters(load_config("13b_4k.toml")).non_embedding == 11_667_133_440
+    assert expected_peak_lr(3.9e9) == 3.0e-4
+    assert expected_peak_lr(6_196_301_824) == pytest.approx(3.0e-4)
+    assert expected_peak_lr(11_667_133_440) == pytest.approx(1.5e-4)
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_recipes_plan_cleanly_at_64_gpus(name):
+    result = plan(load_config(f"{name}.toml"), 64)
+    assert result["warnings"] == []
+    assert result["derived"]["grad_accum_steps"] == {"3b": 8, "7b": 32, "13b": 64}[name.split("_")[0]]
+
+
+def test_sharded_state_is_16_bytes_per_parameter_over_fsdp_x_tp():
+    config = load_config("7b_4k.toml")
+    n = count_parameters(config).total
+    memory = estimate_memory(config, Layout(tensor=8, shard=8))
+    assert memory.parameters == pytest.approx(4 * n / 64)
+    assert memory.gradients == pytest.approx(4 * n / 64)
+    assert memory.optimizer_state == pytest.approx(8 * n / 64)
+    hsdp = estimate_memory(config, Layout(tensor=1, shard=8, replicate=8))  # replicas do not shard
+    assert hsdp.optimizer_state == pytest.approx(8 * n / 8)
+    offloaded = estimate_memory(load_config("7b_4k.toml", ["--parallelism.fsdp_cpu_offload", "true"]),
+                                Layout(tensor=8, shard=8))
+    assert offloaded.parameters == offloaded.gradients == offloaded.optimizer_state == 0
+    assert offloaded.host_offloaded == pytest.approx(16 * n / 64)
+
+
+def test_activation_and_logit_terms_scale_as_they_must():
+    config = load_config("7b_4k.toml", ["--activation_checkpoint.mode", "none"])
+    layout = Layout(tensor=8, shard=8)
+    base = estimate_memory(config, layout)
+    double = estimate_memory(load_config("7b_4k.toml", ["--activation_checkpoint.mode", "none",
+                                                        "--training.micro_batch_size", "8"]), layout)
+    assert double.activations == pytest.approx(2 * base.activations)
+    tokens, vocab = 4 * 4096, 128_256
+    assert base.logits_and_loss == pytest.approx(12 * tokens * vocab / 8)  # fp32 upcast, log-softmax, its grad
+    full = estimate_memory(load_config("7b_4k.toml"), layout)
+    # Full AC keeps only each block's input: 2 bytes x dim / TP per token and layer (+ the final norm's).
+    assert full.activations == pytest.approx(tokens * (32 * 2 * 4096 / 8 + 2 * 2 * 4096))
+    eager = ["--compile.enable", "false"]  # compiled blocks already drop most of what per-op AC recomputes
+    selective = estimate_memory(load_config("7b_4k.toml", ["--activation_checkpoint.mode", "selective"] + eager), layout)
+    no_ac = estimate_memory(load_config("7b_4k.toml", ["--activation_checkpoint.mode", "none"] + eager), layout)
+    assert full.activations < selective.activations < no_ac.activations
+
+
+def test_lr_warnings_fire_on_the_seeds_gotcha():
+    high = plan(load_config("13b_4k.toml", ["--optimizer.lr", "3e-4"]), 64)["warnings"]
+    assert any("optimizer.lr=0.0003 is high" in w for w in high)
+    low = plan(load_config("3b_4k.toml", ["--optimizer.lr", "1.5e-4"]), 64)["warnings"]
+    assert any("optimizer.lr=0.00015 is low" in w for w in low)
+
+
+def test_memory_and_divisibility_warnings():
+    too_big = plan(load_config("7b_4k.toml", ["--activation_checkpoint.mode", "none",
+                                              "--training.micro_batch_size", "32"]), 64)["warnings"]
+    assert any("training.micro_batch_size=32 will not fit" in w for w in too_big)
+    indivisible = plan(load_config("7b_4k.toml"), 48)["warnings"]  # DP 6 cannot split 4,194,304 tokens
+    assert any("global_batch_tokens=4194304: must be a multiple" in w for w in indivisible)
+
+
+def test_compare_layouts_prefers_less_tp_when_it_fits():
+    rows = compare_layouts(load_config("7b_4k.toml"), 64)
+    usable = [r for r in rows if r["fits"] and r["divisible"]]
+    assert rows[0] == usable[0]
+    assert rows[0]["tp"] < 8  # TP 8 fits but costs throughput at 7B
+    assert {(r["tp"], r["replicate"]) for r in rows} >= {(1, 1), (2, 1), (4, 1), (8, 1), (1, 8), (2, 8)}
+    assert all(r["relative_throughput"] <= rows[0]["relative_throughput"] for r in usable)
+    assert [r["grad_accum_steps"] for r in rows if r["tp"] == 8][0] == 32
+
+
+def test_cli_prints_the_plan_and_rejects_bad_configs(capsys):
+    main(["--config", "7b_4k.toml"])
+    out = capsys.readouterr().out
+    assert "6,721,638,400 total" in out and "A = 32" in out and "238,419 steps" in out and "716 warmup" in out
+    main(["--config", "7b_4k.toml", "--json", "--compare-layouts", "--ngpu", "16"])
+    result = json.loads(capsys.readouterr().out)
+    assert result["config"]["ngpu"] == 16 and result["layouts"]
+    assert math.isclose(result["time"]["gpu_hours"] / 16 * 3600 * 16 * result["time"]["tokens_per_s_per_gpu"],
+                        result["derived"]["total_tokens"], rel_tol=1e-3)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", "7b_4k.toml", "--model.n_heads", "30"])
+    assert exit_info.value.code == 2
