@@ -145,7 +145,9 @@ def make_batch(rows: np.ndarray, eos_id: int, loss_across_documents: bool, docum
     within the row; a document starts after each EOS); positions (restart at 0 per document).
     """
     tokens = torch.from_numpy(rows.astype(np.int64))
-    inputs, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    # clone, not contiguous(): for one row both slices are already "contiguous" views of the same
+    # memory, and masking the labels would then overwrite the inputs.
+    inputs, labels = tokens[:, :-1].clone(), tokens[:, 1:].clone()
     is_eos = inputs == eos_id
     if not loss_across_documents:
         labels[is_eos] = IGNORE_INDEX
