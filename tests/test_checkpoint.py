@@ -44,6 +44,15 @@ def by_step(history: list[dict]) -> dict[int, tuple[float, float]]:
     return {record["step"]: (record["loss"], record["grad_norm"]) for record in history}
 
 
+def assert_same_trajectory(history: dict, straight: dict) -> None:
+    """Another layout sums in another order: losses within 1e-5, grad norms within the 3e-5 that
+    the parallel-layout parity tests allow (tests/test_parallelize.py)."""
+    assert sorted(history) == [4, 5, 6]
+    for step, (loss, grad_norm) in history.items():
+        assert loss == pytest.approx(straight[step][0], rel=1e-5), step
+        assert grad_norm == pytest.approx(straight[step][1], rel=3e-5), step
+
+
 def assert_same_weights(path_a: Path, path_b: Path, atol: float = 0.0) -> None:
     weights_a, _ = load_model_weights(path_a)
     weights_b, _ = load_model_weights(path_b)
@@ -54,9 +63,13 @@ def assert_same_weights(path_a: Path, path_b: Path, atol: float = 0.0) -> None:
 
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory):
-    """6 steps in one go (data workers on), saving at steps 3 and 6: the reference trajectory."""
+    """6 steps in one go (data workers on), saving at steps 3 and 6: the reference trajectory.
+
+    It saves asynchronously and the runs compared with it save synchronously, so every equality
+    below also says that an async save changes nothing and writes a complete checkpoint.
+    """
     run = tmp_path_factory.mktemp("straight")
-    history = train(tiny_config(run, "--data.num_workers", "2"))
+    history = train(tiny_config(run, "--data.num_workers", "2", "--checkpoint.async_mode", "async"))
     return run, by_step(history)
 
 
@@ -71,15 +84,6 @@ def test_resume_is_bitwise_exact(straight_run, tmp_path):
     assert_same_weights(step_folder(run, 6), step_folder(resumed_run, 6))
     meta = json.loads((step_folder(resumed_run, 6) / "meta.json").read_text())
     assert meta["step"] == 6 and meta["tokens_seen"] == 6 * 256 and meta["config"]["model"]["dim"] == 64
-
-
-def test_async_save_changes_nothing_and_is_complete(straight_run, tmp_path):
-    run, straight = straight_run
-    async_run = tmp_path / "async"
-    history = by_step(train(tiny_config(async_run, "--data.num_workers", "2", "--checkpoint.async_mode", "async")))
-    assert history == straight
-    assert_same_weights(step_folder(run, 6), step_folder(async_run, 6))
-    assert_same_weights(step_folder(run, 3), step_folder(async_run, 3))
 
 
 def _train_fsdp_and_report(folder: str) -> int:
@@ -97,12 +101,30 @@ def test_resume_on_another_layout(straight_run, tmp_path):
     assert meta["layout"]["world_size"] == 2 and meta["layout"]["data_parallel_degree"] == 2
     single_run = tmp_path / "single"
     shutil.copytree(step_folder(fsdp_run, 3), step_folder(single_run, 3))
-    history = by_step(train(tiny_config(single_run, "--data.num_workers", "2")))
-    assert sorted(history) == [4, 5, 6]
-    for step, (loss, grad_norm) in history.items():
-        assert loss == pytest.approx(straight[step][0], rel=1e-5), step
-        assert grad_norm == pytest.approx(straight[step][1], rel=1e-5), step
+    assert_same_trajectory(by_step(train(tiny_config(single_run, "--data.num_workers", "2"))), straight)
     assert_same_weights(step_folder(run, 6), step_folder(single_run, 6), atol=1e-5)
+
+
+def _train_tp_then_resume_as_fsdp4(folder: str) -> list:
+    """FSDP 2 x TP 2 for 6 steps (saving 3 and 6), then FSDP 4 x TP 1 resumed from its step 3."""
+    import torch.distributed as dist
+
+    tp_run, fsdp_run = Path(folder) / "tp", Path(folder) / "fsdp4"
+    train(tiny_config(tp_run, "--parallelism.tensor_parallel_degree", "2"))
+    if dist.get_rank() == 0:
+        shutil.copytree(step_folder(tp_run, 3), step_folder(fsdp_run, 3))
+    dist.barrier()
+    return train(tiny_config(fsdp_run, "--training.micro_batch_size", "2"))  # 4 ranks x 2 rows: the same 8
+
+
+@pytest.mark.slow
+def test_resume_from_tensor_parallel_on_another_layout(straight_run, tmp_path):
+    _, straight = straight_run
+    history = by_step(run_distributed(_train_tp_then_resume_as_fsdp4, 4, str(tmp_path), timeout=300)[0])
+    meta = json.loads((step_folder(tmp_path / "tp", 3) / "meta.json").read_text())
+    assert meta["layout"]["tensor_parallel"] == 2 and meta["layout"]["data_parallel_shard"] == 2
+    assert_same_trajectory(history, straight)
+    assert_same_weights(step_folder(straight_run[0], 6), step_folder(tmp_path / "fsdp4", 6), atol=1e-5)
 
 
 KILLED_CHILD = """
