@@ -19,12 +19,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from titanlite.attention_kernels import check_attention_kernel
+from titanlite.checkpoint import CheckpointError, Checkpointer, TrainState
 from titanlite.config import Config, ConfigError, derive, load_config, render, world_size_from_env
 from titanlite.data import IGNORE_INDEX, build_dataloader, warn_if_data_bound
+from titanlite.health import HealthMonitor, HealthStop, guarded_optimizer_step
 from titanlite.metrics import MetricLogger, init_logging, peak_flops_per_device
 from titanlite.model import build_model
 from titanlite.optim import build_lr_scheduler, build_optimizer
-from titanlite.parallelize import ParallelDims, parallelize
+from titanlite.parallelize import (ParallelDims, clip_grad_norm, compile_loss, init_weights_layout_independent,
+                                   loss_context, parallelize)
+from titanlite.profiling import OutOfMemory, TrainingProfiler, report_oom
 from titanlite.tokenizer import build_tokenizer, padded_vocab_size
 
 logger = logging.getLogger("titanlite")
@@ -38,29 +42,35 @@ def cross_entropy_per_sample(logits: torch.Tensor, labels: torch.Tensor) -> torc
 
 
 def train_step(model, optimizer, micro_batches: list[dict], global_valid_tokens: torch.Tensor,
-               grad_clip: float, autocast) -> dict[str, torch.Tensor]:
+               grad_clip: float, autocast, loss_fn=cross_entropy_per_sample,
+               loss_context=contextlib.nullcontext, skip_nonfinite: bool = True) -> dict[str, torch.Tensor]:
     """One optimizer step over this rank's micro-batches; returns device tensors (no host sync).
 
     Loss normalisation: every token of the global batch weighs the same. Each micro-batch adds
     sum(token losses) / `global_valid_tokens` (all ranks, all micro-batches), so the summed
     gradient is the gradient of the global mean, whatever the layout or micro-batch split.
+    `loss_context()` wraps the loss and its backward (loss_parallel under TP). A step whose grad
+    norm is inf/NaN is skipped on device (`skip_nonfinite`, see health.py); "skipped" says so.
     """
     local_loss = torch.zeros((), device=global_valid_tokens.device)
     per_sample = []
     for batch in micro_batches:
         with autocast:
             logits = model(batch["input_ids"], positions=batch.get("positions"), mask=batch.get("document_ids"))
-        sample_losses = cross_entropy_per_sample(logits, batch["labels"])
-        loss = sample_losses.sum() / global_valid_tokens
-        del logits  # the logits are the largest activation: free them before the backward
-        loss.backward()
+        with loss_context():
+            sample_losses = loss_fn(logits, batch["labels"])
+            if hasattr(sample_losses, "full_tensor"):  # TP: replicated per-sample losses
+                sample_losses = sample_losses.full_tensor()
+            loss = sample_losses.sum() / global_valid_tokens
+            del logits  # the logits are the largest activation: free them before the backward
+            loss.backward()
         local_loss += loss.detach()
         per_sample.append(sample_losses.detach())
     parameters = [p for p in model.parameters() if p.grad is not None]
-    grad_norm = torch.nn.utils.clip_grad_norm_(parameters, grad_clip if grad_clip > 0 else float("inf"), foreach=True)
-    optimizer.step()
+    grad_norm = clip_grad_norm(parameters, grad_clip)  # global over the FSDP x TP mesh
+    skipped = guarded_optimizer_step(optimizer, grad_norm, skip_nonfinite)
     optimizer.zero_grad(set_to_none=True)
-    return {"loss": local_loss, "grad_norm": grad_norm, "sample_losses": torch.cat(per_sample)}
+    return {"loss": local_loss, "grad_norm": grad_norm, "sample_losses": torch.cat(per_sample), "skipped": skipped}
 
 
 def count_valid_tokens(micro_batches: list[dict], dims: ParallelDims) -> torch.Tensor:
@@ -112,15 +122,29 @@ def train(config: Config) -> list[dict]:
     check_attention_kernel(config, device)  # never a silent fallback to the math kernel
     model = build_model(config.model, config.training.seq_len, device="meta")
     parallelize(model, dims, config, param_dtype=torch.bfloat16 if use_bf16 else torch.float32)
-    model.to_empty(device=device)
-    model.init_weights(seed=config.training.seed)
+    # Same initial weights for every layout: each rank builds the full init and keeps its shard.
+    init_weights_layout_independent(model, lambda init_device: build_model(config.model, config.training.seq_len,
+                                                                           device=init_device),
+                                    device, config.training.seed, config.parallelism.fsdp_cpu_offload)
+    loss_fn = compile_loss(cross_entropy_per_sample, dims, config)
     # FSDP casts parameters itself; without FSDP, autocast does it per matmul.
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 and not dims.fsdp_enabled
                 else contextlib.nullcontext())
     optimizer = build_optimizer(model, config, device.type)
     scheduler = build_lr_scheduler(optimizer, config, derived)
     loader = build_dataloader(config, tokenizer, dims.data_parallel_rank, dims.data_parallel_degree)
-    data_iterator = iter(loader)
+    train_state = TrainState()
+    health = HealthMonitor(config, derived.warmup_steps, dump_folder, rank, device,
+                           dims.data_parallel_mesh.get_group() if dims.data_parallel_mesh is not None else None,
+                           tokenizer)
+    checkpointer = Checkpointer(config, dims, dump_folder, {
+        "model": model, "optimizer": optimizer, "lr_scheduler": scheduler, "dataloader": loader,
+        "train_state": train_state, "health": health})
+    checkpointer.load()  # resume (checkpoint.resume): the loop goes on at train_state.step + 1
+    health.apply_lr_scale(optimizer, scheduler)  # rollbacks' LR factors outlive a restart
+    health.install_fault_injection(model)  # testing aid only; off unless health.inject_nan_at_step
+    profiler = TrainingProfiler(config, dump_folder, rank, device)
+    data_iterator = iter(loader)  # after the load: it starts at the restored data position
     metrics = MetricLogger(dump_folder, rank, model.flops_per_token(config.training.seq_len),
                            peak_flops_per_device(device, config.metrics.peak_flops),
                            config.metrics.enable_tensorboard, config.metrics.enable_jsonl, device)
@@ -129,27 +153,56 @@ def train(config: Config) -> list[dict]:
                 f"{model.flops_per_token(config.training.seq_len):,}", derived.grad_accum_steps)
 
     # --- the loop
-    step = 0
-    for step in range(1, derived.total_steps + 1):
+    step = train_state.step
+    loop_start = time.perf_counter()
+    while step < derived.total_steps:  # a while loop: a health rollback moves `step` back
+        step += 1
         wait_start = time.perf_counter()
-        micro_batches = [next(data_iterator) for _ in range(derived.grad_accum_steps)]
+        host_batches = [next(data_iterator) for _ in range(derived.grad_accum_steps)]
         data_wait = time.perf_counter() - wait_start
-        micro_batches = [{k: v.to(device, non_blocking=True) for k, v in b.items()} for b in micro_batches]
+        micro_batches = [{k: v.to(device, non_blocking=True) for k, v in b.items()} for b in host_batches]
         valid_tokens = count_valid_tokens(micro_batches, dims)
-        result = train_step(model, optimizer, micro_batches, valid_tokens, config.training.grad_clip, autocast)
+        step_lr = scheduler.get_last_lr()[0]
+        with report_oom(step, dump_folder, rank, device):
+            result = train_step(model, optimizer, micro_batches, valid_tokens, config.training.grad_clip, autocast,
+                                loss_fn, loss_context(dims), config.health.skip_nonfinite_steps)
         scheduler.step()
-        metrics.count(derived.grad_accum_steps * derived.tokens_per_micro_batch, data_wait)
-        if step == 1 or step % config.metrics.log_freq == 0 or step == derived.total_steps:
-            loss = result["loss"]
-            if dims.data_parallel_mesh is not None:
-                dist.all_reduce(loss, group=dims.data_parallel_mesh.get_group())
-            grad_norm = result["grad_norm"]
-            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-            record = metrics.log(step, {"loss": loss.item(), "grad_norm": grad_norm.item(),  # host sync: logging step only
-                                        "lr": scheduler.get_last_lr()[0]})
-            warn_if_data_bound(step, record["data_wait_fraction"], config)
+        health.record(step, result, micro_batches, host_batches, step_lr)
+        profiler.step(step)
+        # TP peers share each micro-batch: a GPU's throughput is its 1/TP share of those tokens.
+        metrics.count(derived.grad_accum_steps * derived.tokens_per_micro_batch // dims.tensor, data_wait)
+        train_state.step, train_state.tokens_seen = step, train_state.tokens_seen + derived.tokens_per_step
+        is_log_step = step == 1 or step % config.metrics.log_freq == 0 or step == derived.total_steps
+        if is_log_step or health.must_check(step, derived.total_steps,
+                                            config.checkpoint.interval if config.checkpoint.enable else 0):
+            window, events = health.check()  # host sync: logging (or pre-checkpoint) step only
+            if is_log_step:
+                record = metrics.log(step, {**window, "lr": scheduler.get_last_lr()[0], **profiler.on_log_step(step)})
+                warn_if_data_bound(step, record["data_wait_fraction"], config)
+                if step == 1 and config.compile.enable:
+                    logger.info("compile: first step took %.1f s (torch.compile included)",
+                                time.perf_counter() - loop_start)
+            action, cause = health.act(events)
+            if action == "rollback":
+                failed_step, step = step, health.roll_back(cause, checkpointer, optimizer, scheduler)
+                data_iterator = iter(loader)  # at the checkpoint's data position
+                if config.health.rollback_skip_data:  # do not replay the batches that led to the failure
+                    for _ in range((failed_step - step) * derived.grad_accum_steps):
+                        next(data_iterator)
+                continue
+            if action == "stop":
+                if cause.signal != "divergence":  # a diverged state must not become the checkpoint to resume
+                    checkpointer.maybe_save(step, force=True)
+                checkpointer.close(), profiler.close(), metrics.close()
+                raise HealthStop(f"{cause.signal} at step {cause.step}: {cause.message} "
+                                 f"(health.{cause.signal}_action=stop). Details in {dump_folder / 'health.jsonl'}; "
+                                 "run `python -m titanlite.diagnose` on the run folder")
+        checkpointer.maybe_save(step, force=step == derived.total_steps)
 
     # --- tear-down
+    checkpointer.maybe_save(step, force=True)  # a clean stop before the last step saves too
+    checkpointer.close()  # waits for an async save in flight
+    profiler.close()
     if rank == 0 and metrics.history:
         first, last = metrics.history[0], metrics.history[-1]
         logger.info("done: %d steps, loss %.4f -> %.4f", step, first["loss"], last["loss"])
@@ -173,6 +226,15 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as error:
         print(f"titanlite: config error: {error}", file=sys.stderr)
         sys.exit(2)
+    except HealthStop as error:
+        print(f"titanlite: stopped by the health monitor: {error}", file=sys.stderr)
+        sys.exit(3)
+    except OutOfMemory as error:
+        print(f"titanlite: {error}", file=sys.stderr)
+        sys.exit(1)
+    except CheckpointError as error:
+        print(f"titanlite: checkpoint error: {error}", file=sys.stderr)
+        sys.exit(1)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -1,0 +1,222 @@
+"""Health: detectors on synthetic loss traces, the non-finite step guard, capture and rollback in tiny runs."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from titanlite.config import Model as ModelConfig
+from titanlite.config import load_config
+from titanlite.health import HealthMonitor, guarded_optimizer_step
+from titanlite.health_detectors import Detectors
+from titanlite.model import build_model
+from titanlite.train import train, train_step
+
+TINY_RUN = ["--model.dim", "64", "--model.n_layers", "2", "--model.n_heads", "4", "--model.n_kv_heads", "2",
+            "--model.intermediate_size", "160", "--training.seq_len", "32", "--training.micro_batch_size", "4",
+            "--training.global_batch_tokens", "128", "--lr_schedule.warmup_tokens", "0",
+            "--data.default_num_documents", "400", "--metrics.enable_tensorboard", "false",
+            "--training.device", "cpu"]
+
+
+def settings(**overrides):
+    args = [item for key, value in overrides.items() for item in (f"--health.{key}", str(value))]
+    return load_config(None, ["--training.steps", "1"] + args).health
+
+
+def power_law(steps: int, seed: int, noise: float = 0.02) -> np.ndarray:
+    """A healthy loss curve: 1.6 + 9 t^-0.3, with multiplicative Gaussian noise."""
+    t = np.arange(1, steps + 1)
+    return (1.6 + 9 * t ** -0.3) * np.exp(np.random.default_rng(seed).normal(0, noise, steps))
+
+
+def observe(trace, grad_norms=None, skipped=(), warmup_steps=100, **overrides):
+    detectors = Detectors(settings(**overrides), grad_clip=1.0, warmup_steps=warmup_steps)
+    events = []
+    for index, loss in enumerate(trace):
+        step = index + 1
+        grad_norm = 1.0 if grad_norms is None else float(grad_norms[index])
+        events += detectors.observe(step, float(loss), grad_norm, step in skipped)
+    return events
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_healthy_noisy_traces_raise_nothing(seed):
+    noise = (0.01, 0.03, 0.05)[seed]
+    grad_norms = np.exp(np.random.default_rng(seed).normal(0.5, 0.6, 6000))  # ~0.5..5: healthy per the recipe
+    assert observe(power_law(6000, seed, noise), grad_norms, plateau_window=1000) == []
+
+
+def test_spikes_are_found_at_their_first_step_only():
+    trace = power_law(3000, 3)
+    trace[[400, 1500]] *= 2.0  # the recipe's 2.5 -> 5.0
+    trace[2200:2203] *= [2.0, 1.8, 1.5]  # a spike that takes three steps to come back: one event
+    events = observe(trace, plateau_window=1000)
+    assert [(e.signal, e.step) for e in events] == [("spike", 401), ("spike", 1501), ("spike", 2201)]
+    assert "early phase" in events[0].message and "early phase" not in events[1].message
+
+
+def test_loss_ten_times_the_early_maximum_is_a_fault():
+    trace = power_law(400, 4)
+    trace[300] = 10 * trace[:100].max()
+    events = observe(trace, plateau_window=1000)
+    assert [(e.signal, e.step) for e in events] == [("spike", 301)] and "fault" in events[0].message
+
+
+def test_plateau_is_found_with_its_start():
+    trace = power_law(6000, 5)
+    trace[2500:] = 1.85 + np.random.default_rng(1).normal(0, 0.02, 3500)  # the recipe's 1.85 +- 0.02
+    events = observe(trace, plateau_window=1000)
+    assert [e.signal for e in events] == ["plateau"]
+    assert 2400 <= events[0].start_step <= 2700 and events[0].step <= 4000
+
+
+def test_divergence_by_sustained_rise_then_nan():
+    trace = power_law(3000, 6)
+    trace[2000:2200] *= np.exp(np.linspace(0, 1.4, 200))  # 3.0 -> 4.5 -> 10 ...
+    trace[2200] = math.nan
+    events = observe(trace[:2201], plateau_window=1000)
+    divergences = [e for e in events if e.signal == "divergence"]
+    assert len(divergences) == 2 and 2000 < divergences[0].step < 2200 and "sustained rise" in divergences[0].message
+    assert divergences[1].step == 2201 and "nan" in divergences[1].message
+
+
+def test_repeated_overflow_is_divergence_but_occasional_is_not():
+    trace = power_law(1000, 7)
+    assert observe(trace, skipped={200, 450, 700}, plateau_window=1000) == []
+    events = observe(trace, skipped=set(range(500, 520, 3)), plateau_window=1000)
+    assert [(e.signal, e.step) for e in events] == [("divergence", 515)]  # the 6th skip in 100 steps, once
+
+
+def test_grad_norm_far_above_clip_after_warmup_is_flagged_once():
+    grad_norms = np.full(2000, 2.0)
+    grad_norms[:100] = 50.0  # during warmup: ignored
+    grad_norms[1000:] = 30.0  # 30 x grad_clip for the rest of the run
+    events = observe(power_law(2000, 8), grad_norms, plateau_window=1000)
+    assert [(e.signal, e.step) for e in events] == [("grad_norm", 1051)]
+
+
+def test_detector_state_round_trips():
+    trace = power_law(600, 9)
+    first = Detectors(settings(plateau_window=200), 1.0, 10)
+    for step in range(1, 401):
+        first.observe(step, float(trace[step - 1]))
+    second = Detectors(settings(plateau_window=200), 1.0, 10)
+    second.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    trace[500] *= 2
+    for step in range(401, 601):
+        assert first.observe(step, float(trace[step - 1])) == second.observe(step, float(trace[step - 1]))
+
+
+# --- the non-finite step guard
+
+
+def tiny_model():
+    model = build_model(ModelConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, intermediate_size=64,
+                                    vocab_size=64), 8, "cpu")
+    model.init_weights(seed=0)
+    return model
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_nonfinite_gradient_step_is_skipped_weights_and_state_unchanged(fused):
+    model = tiny_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused, foreach=not fused)
+    batch = {"input_ids": torch.randint(0, 64, (2, 8)), "labels": torch.randint(0, 64, (2, 8))}
+    valid = torch.tensor(16.0)
+    result = train_step(model, optimizer, [batch], valid, 1.0, torch.autocast("cpu", enabled=False))
+    assert result["skipped"].item() == 0.0
+    weights = {name: p.detach().clone() for name, p in model.named_parameters()}
+    state = {name: {k: v.clone() for k, v in optimizer.state[p].items()} for name, p in model.named_parameters()}
+    handle = model.layers["0"].feed_forward.w2.weight.register_hook(lambda grad: grad * math.inf)
+    result = train_step(model, optimizer, [batch], valid, 1.0, torch.autocast("cpu", enabled=False))
+    handle.remove()
+    assert not math.isfinite(result["grad_norm"].item()) and result["skipped"].item() == 1.0
+    for name, p in model.named_parameters():
+        assert torch.equal(p, weights[name]), name
+        for key, value in optimizer.state[p].items():
+            assert torch.equal(value, state[name][key]), (name, key)  # moments and step count too
+
+    config = load_config(None, ["--training.steps", "1", "--metrics.log_freq", "2"])
+    monitor = HealthMonitor(config, 0, "/nonexistent", rank=0, device=torch.device("cpu"))
+    monitor.record(1, result, [batch], [batch], 1e-2)
+    result = train_step(model, optimizer, [batch], valid, 1.0, torch.autocast("cpu", enabled=False))
+    monitor.record(2, result, [batch], [batch], 1e-2)
+    window, events = monitor.check()
+    assert window["overflow_steps"] == 1 and events == []  # one skip is not a divergence
+    assert not any(torch.equal(p, weights[name]) for name, p in model.named_parameters())  # step 2 applied
+
+
+def test_guard_can_be_turned_off():
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    model.weight.grad, model.bias.grad = torch.full((2, 2), math.nan), torch.zeros(2)
+    guarded_optimizer_step(optimizer, torch.tensor(math.nan), skip_nonfinite=False)
+    assert torch.isnan(model.weight).all()
+
+
+# --- tiny runs: capture and rollback
+
+
+class PoisonedLoader:
+    """Wraps the real loader; at micro-step `at`, row 0 becomes uniformly random token ids (garbled text).
+
+    Random ids cannot be predicted (nor copied in context, as a repeated token can), so the
+    sample's loss is near ln(vocabulary) while the trained model does well on the rest.
+    """
+
+    def __init__(self, loader, at: int):
+        self.loader, self.at = loader, at
+        generator = torch.Generator().manual_seed(0)
+        self.poison = torch.randint(0, 2000, (33,), generator=generator)  # ids of the default tokenizer
+
+    def __iter__(self):
+        for index, batch in enumerate(self.loader, start=1):
+            if index == self.at:
+                batch = {key: value.clone() for key, value in batch.items()}
+                batch["input_ids"][0], batch["labels"][0] = self.poison[:-1], self.poison[1:]
+            yield batch
+
+    def state_dict(self):
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state):
+        self.loader.load_state_dict(state)
+
+
+def test_poisoned_sample_is_captured_worst_first(tmp_path, monkeypatch):
+    import titanlite.train as train_module
+
+    real_build, loaders = train_module.build_dataloader, []
+    monkeypatch.setattr(train_module, "build_dataloader",
+                        lambda *args: loaders.append(PoisonedLoader(real_build(*args), at=36)) or loaders[-1])
+    config = load_config("debug_model", TINY_RUN + [
+        "--job.dump_folder", str(tmp_path), "--training.steps", "38", "--metrics.log_freq", "5",
+        "--optimizer.lr", "1e-2", "--health.spike_window", "16", "--health.spike_min_history", "8"])
+    train(config)
+    events = [json.loads(line) for line in (tmp_path / "health.jsonl").read_text().splitlines()]
+    assert [(e["signal"], e["step"], e["action"]) for e in events] == [("spike", 36, "capture")]
+    rows = [json.loads(line) for line in (tmp_path / "spikes" / "step-36.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and rows[0]["token_ids"] == loaders[0].poison[:-1].tolist() and rows[0]["row"] == 0
+    assert rows[0]["loss"] > rows[1]["loss"] >= rows[-1]["loss"]
+    assert rows[0]["step"] == 36 and rows[0]["lr"] > 0 and isinstance(rows[1]["text"], str)
+
+
+def test_nan_triggers_rollback_with_halved_lr_and_the_run_finishes(tmp_path):
+    config = load_config("debug_model", TINY_RUN + [
+        "--job.dump_folder", str(tmp_path), "--training.steps", "16", "--metrics.log_freq", "4",
+        "--checkpoint.enable", "true", "--checkpoint.interval", "5", "--health.inject_nan_at_step", "8",
+        "--lr_schedule.decay", "constant"])
+    history = train(config)
+    events = [json.loads(line) for line in (tmp_path / "health.jsonl").read_text().splitlines()]
+    assert [(e["signal"], e["step"], e["action"]) for e in events] == [("divergence", 8, "rollback")]
+    steps = [record["step"] for record in history]
+    assert steps == [1, 4, 8, 8, 12, 16]  # step 8 logged, rolled back to 5, logged again after the replay
+    peak = config.optimizer.lr
+    assert history[2]["lr"] == pytest.approx(peak) and math.isnan(history[2]["loss"])
+    assert history[3]["lr"] == pytest.approx(peak / 2) and math.isfinite(history[3]["loss"])
+    assert history[-1]["lr"] == pytest.approx(peak / 2) and history[-1]["rollbacks"] == 1
+    final_state = json.loads((tmp_path / "checkpoint" / "step-00000016" / "meta.json").read_text())
+    assert final_state["step"] == 16
