@@ -53,6 +53,19 @@ def test_second_document_logits_equal_the_document_alone(packed):
     assert flex.layers["0"].attention.wq.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled FlexAttention kernel needs a GPU")
+def test_compiled_flex_on_gpu_matches_the_document_alone(packed):
+    batch, a, b = packed
+    flex, alone = tiny_model("flex").cuda(), tiny_model("sdpa").cuda()
+    batch = {k: v.cuda() for k, v in batch.items()}
+    packed_logits = flex(batch["input_ids"], positions=batch["positions"], mask=batch["document_ids"])
+    with torch.no_grad():
+        b_logits = alone(torch.cat([b, torch.tensor([EOS])])[None].cuda())
+    torch.testing.assert_close(packed_logits.detach()[0, 23:64], b_logits[0], rtol=0, atol=1e-4)  # TF32-free fp32
+    packed_logits[0, 23:64].sum().backward()
+    assert flex.layers["0"].attention.wq.weight.grad.abs().sum() > 0
+
+
 def test_block_mask_against_loops():
     document_ids = torch.tensor([[0] * 5 + [1] * 130 + [2] * 9, [0] * 144])
     mask = build_document_mask(document_ids)

@@ -24,213 +24,32 @@ there and keeps finished shards whose checksum still matches.
 from __future__ import annotations
 
 import argparse
-import glob
 import hashlib
 import json
-import multiprocessing
 import os
 import shutil
 import sys
 import time
-from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from titanlite.tokenizer import Tokenizer, TokenizerError, build_tokenizer
+from titanlite.text_source import (EXTENSION_FORMATS, PrepareError, Settings, document_problem,  # noqa: F401
+                                   iter_tokenized, resolve_files, tokenize_chunk)
+from titanlite.tokenizer import TokenizerError, build_tokenizer
 
 FORMAT_VERSION = 1
 MANIFEST, STATE = "manifest.json", "prepare_state.json"
-EXTENSION_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text", ".text": "text"}
 DEFAULT_SHARD_TOKENS = 1 << 24  # ~64 MiB of int32 per shard: loader workers hold one shard each
-CHUNK_DOCUMENTS = 256  # documents per task sent to a tokenizer worker
-
-
-class PrepareError(ValueError):
-    """Input or output that cannot be used; the message names the file (and row) and the fix."""
-
-
-@dataclass
-class Settings:
-    """Everything that determines the output bytes; a resumed run must match it exactly."""
-
-    source: str
-    files: list[str]  # resolved local files, or [] for a hub dataset
-    hub_config: str | None
-    split: str
-    text_field: str
-    tokenizer: str
-    tokenizer_fingerprint: str
-    seq_len: int
-    rows_per_shard: int
-    skip_bad_documents: bool
-    max_documents: int  # 0 = all
 
 
 @dataclass
 class Counters:
     documents: int = 0  # documents packed (wholly or partly)
     skipped: dict = field(default_factory=dict)  # reason -> count (only with skip_bad_documents)
-
-
-# --- reading documents -------------------------------------------------------------------------
-
-def resolve_files(source: str) -> list[str]:
-    """Local files for `source` (a file, a folder searched recursively, or a glob); [] for a hub id."""
-    path = Path(source).expanduser()
-    if path.is_file():
-        files = [path]
-    elif path.is_dir():
-        files = [p for p in path.rglob("*") if p.suffix in EXTENSION_FORMATS and p.is_file()]
-        if not files:
-            raise PrepareError(f"--source {source}: folder has no {'/'.join(EXTENSION_FORMATS)} files: "
-                               "point it at the data files")
-    elif any(ch in source for ch in "*?["):
-        files = [Path(p) for p in glob.glob(os.path.expanduser(source), recursive=True)]
-        if not files:
-            raise PrepareError(f"--source {source}: the pattern matches no file")
-    elif source.startswith((".", "/", "~")) or path.suffix in EXTENSION_FORMATS:
-        raise PrepareError(f"--source {source}: no such file or folder")
-    else:
-        return []  # a hub id
-    for file in files:
-        if file.suffix not in EXTENSION_FORMATS:
-            raise PrepareError(f"{file}: unknown extension; known: {', '.join(EXTENSION_FORMATS)}")
-    return sorted(str(file) for file in files)
-
-
-def _first_invalid_utf8(file: str) -> str | None:
-    """'line N, byte B' of the first invalid UTF-8 in a text file, or None."""
-    with open(file, "rb") as handle:
-        for line_number, line in enumerate(handle, 1):
-            try:
-                line.decode("utf-8")
-            except UnicodeDecodeError as error:
-                return f"line {line_number}, byte {error.start}"
-    return None
-
-
-def iter_texts(settings: Settings, cache_dir: Path) -> Iterator[tuple[str, int, object]]:
-    """(file or hub id, row within it, text) for every document, in a fixed order.
-
-    `cache_dir`: where `datasets` may write its lock files (streaming writes no data there).
-    """
-    import datasets  # slow import: only here, not in the tokenizer workers
-
-    datasets.logging.set_verbosity_error()
-    if not settings.files:
-        try:
-            dataset = datasets.load_dataset(settings.source, settings.hub_config, split=settings.split,
-                                            streaming=True, cache_dir=str(cache_dir))
-        except Exception as error:
-            raise PrepareError(f"--source {settings.source}: not a local file and the hub dataset cannot be "
-                               f"opened ({type(error).__name__}: {error})") from error
-        for row, record in enumerate(dataset):
-            yield settings.source, row, _text_of(record, settings, settings.source, row)
-        return
-    for file in settings.files:
-        builder = EXTENSION_FORMATS[Path(file).suffix]
-        dataset = datasets.load_dataset(builder, data_files=[file], split="train", streaming=True,
-                                       cache_dir=str(cache_dir))
-        row = -1
-        try:
-            for row, record in enumerate(dataset):
-                yield file, row, _text_of(record, settings, file, row)
-        except PrepareError:
-            raise
-        except Exception as error:
-            where = _first_invalid_utf8(file) if builder in ("json", "text") else None
-            if where:
-                raise PrepareError(f"{file}: invalid UTF-8 at {where}: re-encode the file "
-                                   "(e.g. iconv -f latin1 -t utf-8) or remove that line") from error
-            raise PrepareError(f"{file}: cannot be read as {builder} after {row + 1} good rows "
-                               f"({type(error).__name__}: {error}): fix or remove the file") from error
-
-
-def _text_of(record: dict, settings: Settings, where: str, row: int) -> object:
-    if settings.text_field not in record:
-        raise PrepareError(f"{where} row {row}: no field {settings.text_field!r} (fields: {sorted(record)}): "
-                           "pass --text-field")
-    return record[settings.text_field]
-
-
-def document_problem(text: object) -> str | None:
-    """Why `text` cannot be a training document (None if it can)."""
-    if not isinstance(text, str):
-        return f"not a string ({type(text).__name__})"
-    if not text or text.isspace():
-        return "empty document"
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as error:
-        return f"invalid UTF-8 (unpaired surrogate at character {error.start})"
-    return None
-
-
-# --- tokenizing (in worker processes) ----------------------------------------------------------
-
-_worker_tokenizer: Tokenizer | None = None
-
-
-def _init_worker(tokenizer_path: str) -> None:
-    global _worker_tokenizer
-    _worker_tokenizer = build_tokenizer(tokenizer_path)
-
-
-def tokenize_chunk(texts: list, tokenizer: Tokenizer | None = None) -> list[np.ndarray | str]:
-    """Each text -> int32 token ids followed by EOS, or a string saying why it is not a document."""
-    tokenizer = tokenizer or _worker_tokenizer
-    out: list[np.ndarray | str] = []
-    for text in texts:
-        problem = document_problem(text)
-        if problem:
-            out.append(problem)
-        else:
-            out.append(np.array(tokenizer.encoding.encode_ordinary(text) + [tokenizer.eos_id], dtype=np.int32))
-    return out
-
-
-def iter_tokenized(settings: Settings, workers: int, start_document: int,
-                   cache_dir: Path) -> Iterator[tuple[str, int, int, object]]:
-    """(file, row, input index, tokens or problem) from `start_document` on, in input order.
-
-    At most 4 chunks per worker are in flight: a streamed source is never read ahead unboundedly.
-    """
-    def chunks() -> Iterator[tuple[list, list]]:
-        places, texts = [], []
-        for index, (where, row, text) in enumerate(iter_texts(settings, cache_dir)):
-            if settings.max_documents and index >= settings.max_documents:
-                break
-            if index < start_document:
-                continue
-            places.append((where, row, index))
-            texts.append(text)
-            if len(texts) == CHUNK_DOCUMENTS:
-                yield places, texts
-                places, texts = [], []
-        if texts:
-            yield places, texts
-
-    if workers <= 1:
-        tokenizer = build_tokenizer(settings.tokenizer)
-        for places, texts in chunks():
-            yield from ((*place, result) for place, result in zip(places, tokenize_chunk(texts, tokenizer)))
-        return
-    # spawn, not fork: the parent may hold threads (datasets, tiktoken) that fork would break.
-    with multiprocessing.get_context("spawn").Pool(workers, _init_worker, (settings.tokenizer,)) as pool:
-        pending: deque = deque()
-        for places, texts in chunks():
-            pending.append((places, pool.apply_async(tokenize_chunk, (texts,))))
-            if len(pending) >= 4 * workers:
-                places_done, result = pending.popleft()
-                yield from ((*place, tokens) for place, tokens in zip(places_done, result.get()))
-        while pending:
-            places_done, result = pending.popleft()
-            yield from ((*place, tokens) for place, tokens in zip(places_done, result.get()))
 
 
 # --- packing and writing -----------------------------------------------------------------------
