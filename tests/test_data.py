@@ -143,6 +143,14 @@ def test_on_the_fly_source_packs_like_prepare(prepared, tokenizer):
     assert on_the_fly == list(range(80))
 
 
+def test_on_the_fly_source_refuses_a_large_corpus(prepared, tokenizer, monkeypatch):
+    import titanlite.data_sources
+
+    monkeypatch.setattr(titanlite.data_sources, "ON_THE_FLY_MAX_TOKENS", 1000)
+    with pytest.raises(DataError, match="more than 1,000 tokens is too much.*python -m titanlite.prepare"):
+        build_dataloader(loader_config(prepared[1]), tokenizer, 0, 1)
+
+
 def test_default_source(tokenizer):
     config = load_config(None, ["--data.default_num_documents", "300", "--training.seq_len", "64",
                                 "--training.steps", "1"])

@@ -20,6 +20,7 @@ from titanlite.prepare import file_sha256
 from titanlite.tokenizer import Tokenizer, check_vocab_compatible
 
 logger = logging.getLogger("titanlite")
+ON_THE_FLY_MAX_TOKENS = 1 << 28  # raw sources tokenized at start-up: ~1 GiB of int32 per rank at most
 
 
 class DataError(ValueError):
@@ -113,7 +114,7 @@ def build_rows(config: Config, tokenizer: Tokenizer):
             text_field=config.data.text_field, tokenizer=tokenizer.name, tokenizer_fingerprint=tokenizer.fingerprint,
             seq_len=config.training.seq_len, rows_per_shard=0, skip_bad_documents=config.data.skip_bad_documents,
             max_documents=0)
-        documents, skipped = [], {}
+        documents, skipped, total_tokens = [], {}, 0
         cache = Path(config.job.dump_folder) / "datasets_cache"
         for where, row, _, tokens in prepare.iter_tokenized(settings, 1, 0, cache):
             if isinstance(tokens, str):
@@ -123,6 +124,11 @@ def build_rows(config: Config, tokenizer: Tokenizer):
                 skipped[tokens.split(" (")[0]] = skipped.get(tokens.split(" (")[0], 0) + 1
                 continue
             documents.append(tokens)
+            total_tokens += len(tokens)
+            if total_tokens > ON_THE_FLY_MAX_TOKENS:  # a big (e.g. streamed hub) source would look like a hang
+                raise DataError(f"data.source={source}: more than {ON_THE_FLY_MAX_TOKENS:,} tokens is too much to "
+                                "tokenize at start-up: prepare it once with python -m titanlite.prepare and set "
+                                "data.source to the output folder")
     except prepare.PrepareError as error:
         raise DataError(str(error)) from error
     if skipped:
