@@ -21,13 +21,12 @@ What a checkpoint holds (DCP flattens it into keys like "model.layers.0.attentio
 from __future__ import annotations
 
 import io
-import json
 import logging
 import os
 import random
 import re
 import shutil
-import warnings
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -35,20 +34,15 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 
+from titanlite.checkpoint_files import (PARTIAL, STEP_FOLDER, CheckpointError, check_model_matches, describe,
+                                        fresh_folder, load_model_weights, publish, read_checkpoint,
+                                        save_model_checkpoint)
+
+__all__ = ["Checkpointer", "CheckpointError", "TrainState", "load_model_weights", "save_model_checkpoint"]
 logger = logging.getLogger("titanlite")
-# Single-process runs pass no_dist=True on purpose; DCP still warns about it on every call.
-warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
-STEP_FOLDER = re.compile(r"^step-(\d+)$")
-PARTIAL = ".partial"
-MODEL_SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "intermediate_size", "vocab_size")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be saved or loaded; the message names the file and the fix."""
 
 
 class TrainState:
@@ -105,16 +99,6 @@ class _PerRankBlob:
         raise NotImplementedError("per-rank state is loaded by Checkpointer._load_per_rank")
 
 
-def describe(error: BaseException) -> str:
-    """One line for a failed save or load; DCP wraps each rank's exception with its traceback."""
-    if isinstance(error, CheckpointException) and error.failures:
-        ranks = sorted(error.failures)
-        failure = error.failures[ranks[0]]
-        cause = failure[0] if isinstance(failure, tuple) else failure
-        return f"{type(cause).__name__}: {cause} (rank {', '.join(map(str, ranks))})"
-    return f"{type(error).__name__}: {error}"
-
-
 def rng_state() -> dict:
     state = {"cpu": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -127,116 +111,6 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-
-
-def _fresh_folder(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)  # a partial left by a crash at this very step
-    path.mkdir(parents=True)
-
-
-def _fsync(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def publish(partial: Path, final: Path, meta: dict) -> None:
-    """Write meta.json into a fully written `partial` folder, then rename it to `final` (atomic)."""
-    (partial / "meta.json").write_text(json.dumps(meta, indent=2))
-    _fsync(partial / "meta.json")
-    replaced = final.with_name(final.name + ".replaced")
-    if final.exists():  # re-saving a step after a rollback: move the old one aside, never merge
-        shutil.rmtree(replaced, ignore_errors=True)
-        os.replace(final, replaced)
-    os.replace(partial, final)
-    _fsync(final.parent)  # the rename itself must survive a power loss
-    shutil.rmtree(replaced, ignore_errors=True)
-
-
-def read_checkpoint(path: Path):
-    """(meta.json dict, DCP Metadata) of a complete checkpoint, or a CheckpointError saying why not."""
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint {path} does not exist or is not a folder")
-    if path.name.endswith(PARTIAL) or not (path / "meta.json").is_file():
-        raise CheckpointError(f"checkpoint {path} is incomplete (a save that did not finish: no meta.json); "
-                              f"load an earlier one or set checkpoint.resume=auto")
-    try:
-        meta = json.loads((path / "meta.json").read_text())
-        step = int(meta["step"])
-    except (ValueError, KeyError, TypeError) as error:
-        raise CheckpointError(f"{path / 'meta.json'} is corrupt ({error}): load an earlier checkpoint") from None
-    try:
-        metadata = dcp.FileSystemReader(str(path)).read_metadata()
-    except Exception as error:  # noqa: BLE001 - unpickling garbage raises anything
-        raise CheckpointError(f"{path / '.metadata'} is missing or corrupt ({type(error).__name__}: {error}): "
-                              f"load an earlier checkpoint") from None
-    needed: dict[str, int] = {}  # every data file must hold the bytes .metadata points to
-    for info in (metadata.storage_data or {}).values():
-        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
-    for name, size in sorted(needed.items()):
-        actual = (path / name).stat().st_size if (path / name).is_file() else None
-        if actual is None or actual < size:
-            state = "missing" if actual is None else f"truncated ({actual:,} of {size:,} bytes)"
-            raise CheckpointError(f"checkpoint file {path / name} is {state}: load an earlier checkpoint")
-    logger.debug("checkpoint %s: step %d", path, step)
-    return meta, metadata
-
-
-def _flat_tensors(tree, prefix: str):
-    """(dotted key, tensor) pairs of a nested dict/list, as DCP flattens it."""
-    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list) else ()
-    for key, value in items:
-        if isinstance(value, torch.Tensor):
-            yield f"{prefix}.{key}", value
-        else:
-            yield from _flat_tensors(value, f"{prefix}.{key}")
-
-
-def check_model_matches(path: Path, meta: dict, metadata, model_config, states: dict) -> None:
-    """Raise a CheckpointError naming the mismatch if `states` cannot load from the checkpoint."""
-    saved = meta.get("config", {}).get("model", {})
-    differences = [f"model.{field}={saved[field]} in the checkpoint, {getattr(model_config, field)} in the config"
-                   for field in MODEL_SHAPE_FIELDS if field in saved and saved[field] != getattr(model_config, field)]
-    if differences:
-        raise CheckpointError(f"checkpoint {path} does not fit this model: {'; '.join(differences)}: "
-                              f"use the checkpoint's model config, or a new job.dump_folder")
-    for name in ("model", "optimizer"):
-        if name not in states:
-            continue
-        for key, tensor in _flat_tensors(states[name].state_dict(), name):
-            entry = metadata.state_dict_metadata.get(key)
-            if not isinstance(entry, TensorStorageMetadata):
-                raise CheckpointError(f"checkpoint {path} has no tensor {key!r}: it was saved from another model "
-                                      f"or optimizer; use model-only loading or a matching checkpoint")
-            if tuple(entry.size) != tuple(tensor.shape):
-                raise CheckpointError(f"checkpoint {path}: {key} has shape {tuple(entry.size)} in the checkpoint "
-                                      f"but {tuple(tensor.shape)} in this model")
-
-
-def load_model_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """Full (unsharded) model tensors of a checkpoint, on CPU, read by this one process; and meta.json."""
-    meta, metadata = read_checkpoint(path)
-    template = {key.removeprefix("model."): torch.empty(entry.size, dtype=entry.properties.dtype)
-                for key, entry in metadata.state_dict_metadata.items()
-                if key.startswith("model.") and isinstance(entry, TensorStorageMetadata)}
-    state = {"model": template}
-    dcp.load(state, checkpoint_id=str(path), no_dist=True)
-    return state["model"], meta
-
-
-def save_model_checkpoint(weights: dict[str, torch.Tensor], folder: Path, step: int, config) -> Path:
-    """A model-only checkpoint `folder/step-N`, written by this one process (seed, HF import)."""
-    final = Path(folder) / f"step-{step:08d}"
-    partial = final.with_name(final.name + PARTIAL)
-    _fresh_folder(partial)
-    dcp.save({"model": weights}, storage_writer=dcp.FileSystemWriter(str(partial)), no_dist=True)
-    publish(partial, final, {"step": step, "tokens_seen": 0, "model_only": True, "layout": {"world_size": 1},
-                             "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                             "torch_version": torch.__version__, "config": config.to_dict()})
-    return final
 
 
 class Checkpointer:
@@ -322,7 +196,7 @@ class Checkpointer:
         self.wait()  # one save in flight at a time
         final = self.folder / f"step-{step:08d}"
         partial = final.with_name(final.name + PARTIAL)
-        self._on_rank0(lambda: _fresh_folder(partial))
+        self._on_rank0(lambda: fresh_folder(partial))
         meta = self._meta(step)
         states = dict(self.states)
         if self.dataloader is not None:
@@ -337,13 +211,15 @@ class Checkpointer:
                 self._fail(step, partial, error)
             self._on_rank0(lambda: self._publish(partial, final, meta))
             return
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            # host sync: checkpoint step only. The stager copies on its own CUDA stream, which
+            # would not wait for this step's optimizer kernels on the training stream.
+            torch.cuda.synchronize()
         response = dcp.async_save(states, storage_writer=writer, async_stager=self.stager, **self._dcp_kwargs())
         upload = getattr(response, "upload_completion", response)  # torch >= 2.9 returns both futures
         self._staging = getattr(response, "staging_completion", None)
         publisher = None
         if self.rank == 0:  # publish as soon as the files are written, not at the next save
-            from concurrent.futures import ThreadPoolExecutor
-
             executor = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-publish")
             publisher = executor.submit(lambda: (upload.result(), self._publish(partial, final, meta)))
             executor.shutdown(wait=False)
@@ -365,7 +241,7 @@ class Checkpointer:
 
     def _fail(self, step: int, partial: Path, error: Exception) -> None:
         self._on_rank0(lambda: shutil.rmtree(partial, ignore_errors=True))  # free the space it took
-        newest = self._complete()[-1][1] if self._complete() else "none"
+        newest = self.complete_checkpoints()[-1][1] if self.complete_checkpoints() else "none"
         raise CheckpointError(f"saving step {step} to {partial} failed ({describe(error)}); "
                               f"the previous checkpoint ({newest}) is intact: free space or fix the folder, "
                               f"then resume") from None
@@ -388,6 +264,10 @@ class Checkpointer:
             self._fail(step, partial, error)
         self._on_rank0(lambda: publisher.result())
 
+    def save_in_flight(self) -> bool:
+        """True while an async save is still being written (no waiting, no collective)."""
+        return self._in_flight is not None and not self._in_flight[1].done()
+
     def close(self) -> None:
         self.wait()
         if self.stager is not None:
@@ -395,7 +275,7 @@ class Checkpointer:
             self.stager = None
 
     # --- retention and discovery
-    def _complete(self, warn: bool = False) -> list[tuple[int, Path]]:
+    def complete_checkpoints(self, warn: bool = False) -> list[tuple[int, Path]]:
         """(step, path) of the complete checkpoints in the folder, oldest first."""
         found = []
         for path in sorted(self.folder.iterdir()) if self.folder.is_dir() else []:
@@ -407,8 +287,10 @@ class Checkpointer:
                 logger.warning("checkpoint: ignoring incomplete %s (a save that did not finish)", path)
         return sorted(found)
 
+    _complete = complete_checkpoints  # the name health.py uses
+
     def _apply_retention(self) -> None:
-        complete = self._complete()
+        complete = self.complete_checkpoints()
         newest = complete[-1][0] if complete else -1
         doomed = [path for _, path in complete[:-self.settings.keep_latest_k]] if self.settings.keep_latest_k else []
         for path in self.folder.iterdir():  # leftovers of crashed saves older than the newest
@@ -424,7 +306,7 @@ class Checkpointer:
     def latest_complete(self) -> Path | None:
         """The newest complete checkpoint in this run's folder (waits for a save in flight)."""
         self.wait()
-        complete = self._complete(warn=True)
+        complete = self.complete_checkpoints(warn=True)
         return complete[-1][1] if complete else None
 
     # --- loading
