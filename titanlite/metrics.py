@@ -50,6 +50,7 @@ def device_memory(device: torch.device) -> dict[str, float]:
         "memory/max_allocated_gib": torch.cuda.max_memory_allocated(device) / gib,
         "memory/max_reserved_gib": torch.cuda.max_memory_reserved(device) / gib,
         "memory/allocated_gib": torch.cuda.memory_allocated(device) / gib,
+        "memory/reserved_gib": torch.cuda.memory_reserved(device) / gib,
     }
 
 
@@ -119,6 +120,7 @@ def format_record(record: dict) -> str:
     formats = {"grad_norm": "grad_norm: {:.3f}", "lr": "lr: {:.3e}",
                "tokens_per_second_per_device": "tokens/s/device: {:,.0f}", "tflops_per_device": "tflops: {:.1f}",
                "mfu_percent": "mfu: {:.1f}%", "memory/max_allocated_gib": "mem: {:.1f}GiB",
-               "data_wait_fraction": "data_wait: {:.1%}"}
+               "data_wait_fraction": "data_wait: {:.1%}", "loss_max_sample": "worst_sample: {:.3f}",
+               "clipped_fraction": "clipped: {:.0%}", "overflow_steps": "overflow: {:d}"}
     parts += [fmt.format(record[key]) for key, fmt in formats.items() if key in record]
     return "  ".join(parts)
