@@ -267,7 +267,7 @@ def last_checkpoint_before(checkpointer, step: int) -> Path | None:
     if checkpointer is None or not checkpointer.settings.enable:
         return None
     checkpointer.wait()
-    earlier = [path for saved_step, path in checkpointer._complete() if saved_step < step]
+    earlier = [path for saved_step, path in checkpointer.complete_checkpoints() if saved_step < step]
     return earlier[-1] if earlier else None
 
 
