@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from distributed import run_distributed
 from titanlite.config import Model as ModelConfig
 from titanlite.config import load_config
 from titanlite.health import HealthMonitor, guarded_optimizer_step
@@ -220,3 +221,60 @@ def test_nan_triggers_rollback_with_halved_lr_and_the_run_finishes(tmp_path):
     assert history[-1]["lr"] == pytest.approx(peak / 2) and history[-1]["rollbacks"] == 1
     final_state = json.loads((tmp_path / "checkpoint" / "step-00000016" / "meta.json").read_text())
     assert final_state["step"] == 16
+
+
+# --- several data-parallel ranks, and the actions
+
+
+def _two_ranks_check_and_capture(folder):
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    config = load_config(None, ["--training.steps", "1", "--metrics.log_freq", "2"])
+    monitor = HealthMonitor(config, 0, folder, rank=rank, device=torch.device("cpu"), reduce_group=dist.group.WORLD)
+    labels = torch.zeros(2, 4, dtype=torch.long)
+    batch = {"input_ids": torch.full((2, 4), rank), "labels": labels}
+    for step in (1, 2):
+        # Rank r holds a quarter of the global mean loss r + step and per-sample token-loss sums.
+        result = {"loss": torch.tensor((rank + step) / 4.0), "grad_norm": torch.tensor(1.5 * step),
+                  "sample_losses": torch.tensor([4.0 * (rank + 1), 8.0 * (rank + 1) * step]),
+                  "skipped": torch.tensor(float(rank == 1 and step == 2))}
+        monitor.record(step, result, [batch], [batch], 1e-3)
+    window, _ = monitor.check()
+    monitor.capture(2)
+    return window
+
+
+def test_ranks_agree_on_the_window_and_capture_gathers_every_rank(tmp_path):
+    windows = run_distributed(_two_ranks_check_and_capture, 2, str(tmp_path))
+    assert windows[0] == windows[1]  # every rank reaches the same verdict
+    window = windows[0]
+    assert window["loss"] == pytest.approx((0 + 2) / 4 + (1 + 2) / 4)  # summed shares of step 2
+    assert window["loss_max_sample"] == pytest.approx(8.0 * 2 * 2 / 4)  # rank 1's second sample, per token
+    assert window["overflow_steps"] == 1 and window["grad_norm"] == pytest.approx(3.0)
+    rows = [json.loads(line) for line in (tmp_path / "spikes" / "step-2.jsonl").read_text().splitlines()]
+    assert [(row["rank"], row["row"]) for row in rows] == [(1, 1), (0, 1), (1, 0), (0, 0)]  # worst first
+    assert [row["loss"] for row in rows] == [8.0, 4.0, 2.0, 1.0] and rows[0]["token_ids"] == [1, 1, 1, 1]
+
+
+def test_stop_wins_over_rollback_and_rollback_without_checkpoint_stops(tmp_path):
+    from titanlite.checkpoint import Checkpointer, TrainState
+    from titanlite.health import HealthStop
+    from titanlite.health_detectors import Event
+    from titanlite.parallelize import ParallelDims
+
+    config = load_config(None, ["--training.steps", "1", "--health.spike_action", "stop"])
+    monitor = HealthMonitor(config, 0, tmp_path, rank=0, device=torch.device("cpu"))
+    divergence = Event(9, "divergence", "loss is nan at step 9", 9, math.nan)
+    spike = Event(9, "spike", "loss 5 vs trend 2.5", 9, 5.0)
+    assert monitor.act([divergence, spike]) == ("stop", spike)
+    assert [json.loads(line)["action"] for line in (tmp_path / "health.jsonl").read_text().splitlines()] == \
+        ["rollback", "stop"]
+    model = torch.nn.Linear(2, 2)
+    checkpointer = Checkpointer(config, ParallelDims.from_config(config, 1), tmp_path,
+                                {"model": model, "train_state": TrainState()})  # checkpoint.enable is off
+    with pytest.raises(HealthStop, match="no checkpoint predates step 9 to roll back to"):
+        monitor.roll_back(divergence, checkpointer, None, None)
+    monitor.rollbacks = config.health.max_rollbacks
+    with pytest.raises(HealthStop, match="after 3 rollbacks"):
+        monitor.roll_back(divergence, checkpointer, None, None)
