@@ -304,9 +304,11 @@ def test_unwritable_folder_fails_at_start(tmp_path):
         checkpointer_for(config, build_states(config))
 
 
-def test_full_disk_keeps_state_and_previous_checkpoint(saved, monkeypatch):
+@pytest.mark.parametrize("async_mode", ["disabled", "async"])
+def test_full_disk_keeps_state_and_previous_checkpoint(saved, monkeypatch, async_mode):
     path, make_config = saved
     config = make_config()
+    config.checkpoint.async_mode = async_mode
     states = build_states(config)
     checkpointer = checkpointer_for(config, states)
     assert checkpointer.load() == 2
@@ -319,6 +321,7 @@ def test_full_disk_keeps_state_and_previous_checkpoint(saved, monkeypatch):
     monkeypatch.setattr(filesystem.FileSystem, "create_stream", disk_full)
     with pytest.raises(CheckpointError, match="saving step 3 to .*step-00000003.partial failed.*No space left"):
         checkpointer.save(3)
+        checkpointer.wait()  # an async save reports its failure here
     monkeypatch.undo()
     assert_unchanged(before, states)
     assert not path.with_name("step-00000003.partial").exists()  # its space is given back

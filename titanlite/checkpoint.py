@@ -215,7 +215,10 @@ class Checkpointer:
             # host sync: checkpoint step only. The stager copies on its own CUDA stream, which
             # would not wait for this step's optimizer kernels on the training stream.
             torch.cuda.synchronize()
-        response = dcp.async_save(states, storage_writer=writer, async_stager=self.stager, **self._dcp_kwargs())
+        try:
+            response = dcp.async_save(states, storage_writer=writer, async_stager=self.stager, **self._dcp_kwargs())
+        except (Exception, CheckpointException) as error:  # noqa: BLE001
+            self._fail(step, partial, error)
         upload = getattr(response, "upload_completion", response)  # torch >= 2.9 returns both futures
         self._staging = getattr(response, "staging_completion", None)
         publisher = None
@@ -286,8 +289,6 @@ class Checkpointer:
                 self._warned.add(path.name)
                 logger.warning("checkpoint: ignoring incomplete %s (a save that did not finish)", path)
         return sorted(found)
-
-    _complete = complete_checkpoints  # the name health.py uses
 
     def _apply_retention(self) -> None:
         complete = self.complete_checkpoints()
