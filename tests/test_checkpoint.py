@@ -296,6 +296,16 @@ def test_missing_or_corrupt_files_are_rejected(saved):
     expect_load_error(partial, config, str(partial), "incomplete")
 
 
+def test_cli_names_a_bad_checkpoint_and_exits_1(tmp_path, capsys):
+    from titanlite.train import main
+
+    with pytest.raises(SystemExit) as caught:
+        main(["--config", "debug_model", *TINY, "--job.dump_folder", str(tmp_path),
+              "--checkpoint.resume", str(tmp_path / "missing")])
+    assert caught.value.code == 1
+    assert f"titanlite: checkpoint error: checkpoint {tmp_path / 'missing'} does not exist" in capsys.readouterr().err
+
+
 def test_unwritable_folder_fails_at_start(tmp_path):
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("a file where the checkpoint folder should be")

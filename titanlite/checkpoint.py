@@ -322,6 +322,9 @@ class Checkpointer:
         if path is None:
             resume = self.settings.resume
             path = None if resume == "never" else self.latest_complete() if resume == "auto" else Path(resume)
+            if resume == "never" and self.complete_checkpoints():
+                logger.warning("checkpoint.resume=never: starting fresh; saves replace %s's checkpoints of the "
+                               "same steps", self.folder)
             if path is None and self.settings.initial_load_path:
                 path, model_only = Path(self.settings.initial_load_path), self.settings.initial_load_model_only
             if path is None:
