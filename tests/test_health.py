@@ -221,6 +221,10 @@ def test_nan_triggers_rollback_with_halved_lr_and_the_run_finishes(tmp_path):
     assert history[-1]["lr"] == pytest.approx(peak / 2) and history[-1]["rollbacks"] == 1
     final_state = json.loads((tmp_path / "checkpoint" / "step-00000016" / "meta.json").read_text())
     assert final_state["step"] == 16
+    config.training.steps = 20  # a restart resumes at step 16: the halved LR comes back with the health state
+    resumed = train(config)
+    assert [record["step"] for record in resumed] == [20] and resumed[0]["lr"] == pytest.approx(peak / 2)
+    assert resumed[0]["rollbacks"] == 1
 
 
 # --- several data-parallel ranks, and the actions
