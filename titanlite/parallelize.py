@@ -102,14 +102,16 @@ def parallelize(model: nn.Module, dims: ParallelDims, config: Config, param_dtyp
 def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
     """Megatron-style TP with sequence parallel norms; heads and vocabulary split over `tp_mesh`.
 
-    Between blocks the residual stream is sharded on the sequence (Shard(1), as plain local
-    tensors); each attention / FFN all-gathers it, runs column-wise q/k/v (w1/w3) on its heads
-    (hidden slice) and reduce-scatters the row-wise wo (w2) back onto the sequence. The RoPE
-    tables and the mask pass through untouched (layout None). Logits stay vocab-sharded
-    (Shard(-1)) for `loss_parallel`, so the full logits are never gathered.
+    Between blocks the residual stream is a DTensor sharded on the sequence (Shard(1)); each
+    attention / FFN all-gathers it, runs column-wise q/k/v (w1/w3) on its heads (hidden slice)
+    as plain local tensors, and reduce-scatters the row-wise wo (w2) back onto the sequence.
+    (The stream stays a DTensor rather than a local tensor: a compiled block whose input is the
+    local result of a collective broke the backward.) The RoPE tables and the mask pass through
+    untouched (layout None). Logits stay vocab-sharded (Shard(-1)) for `loss_parallel`, so the
+    full logits are never gathered.
     """
     parallelize_module(model, tp_mesh, {
-        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
+        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1), use_local_output=False),
         "norm": SequenceParallel(),
         "output": ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1), use_local_output=False),
     })
@@ -121,12 +123,12 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
             "attention.wq": ColwiseParallel(),
             "attention.wk": ColwiseParallel(),
             "attention.wv": ColwiseParallel(),
-            "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
+            "attention.wo": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
             "ffn_norm": SequenceParallel(),
             "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
             "feed_forward.w1": ColwiseParallel(),
             "feed_forward.w3": ColwiseParallel(),
-            "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
+            "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
         })
 
 
@@ -217,28 +219,40 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype, res
 # --- initialization
 
 @torch.no_grad()
-def init_weights_layout_independent(model: nn.Module, build_reference, device: torch.device, seed: int) -> None:
-    """Give the (meta, parallelized) `model` the weights of `build_reference().init_weights(seed)`.
+def init_weights_layout_independent(model: nn.Module, build_reference, device: torch.device, seed: int,
+                                    params_on_cpu: bool = False) -> None:
+    """Give the (meta, parallelized) `model` the weights of `build_reference(device).init_weights(seed)`.
 
     Every rank materializes the full, unsharded reference model on `device` with the same seed,
-    then copies its own shard of each tensor into `model`: the initial weights are bitwise the
-    same for every layout (1 process, FSDP, TP, HSDP), which the parity tests rely on. The cost
-    is one transient full fp32 copy per rank, 4 bytes/param: 7B: ~27 GiB, 13B: ~52 GiB (on the
-    GPU before optimizer state exists, or on the host with device=cpu: 8 ranks x that per node).
-    Models that do not fit start from a seed checkpoint instead (checkpoint.py).
+    then keeps its own shard of each tensor (a local slice, no communication): the initial
+    weights are bitwise the same for every layout (1 process, FSDP, TP, HSDP), which the parity
+    tests rely on. The cost is one transient full fp32 copy per rank, 4 bytes/param: the 7B
+    shape with 8 layers ~9 GiB, 7B ~25 GiB, 13B ~48 GiB of GPU memory before any optimizer
+    state exists (freed, and the peak-memory counter reset, before training). Models that do
+    not fit start from a seed checkpoint instead (checkpoint.initial_load_path).
+    `params_on_cpu`: FSDP CPU offload keeps the sharded parameters on the host.
     """
-    model.to_empty(device=device)
+    model.to_empty(device="cpu" if params_on_cpu else device)
+    for module in model.modules():  # the RoPE tables are used on the compute device even when offloading
+        for key, buffer in module._buffers.items():
+            if buffer is not None:
+                module._buffers[key] = buffer.to(device)
     reference = build_reference(device)
     reference.init_weights(seed=seed)
     reference_state = dict(reference.named_parameters())
     for name, param in model.named_parameters():
         full = reference_state[name].to(param.dtype)
         if isinstance(param, DTensor):
-            param.to_local().copy_(distribute_tensor(full, param.device_mesh, param.placements).to_local())
+            # src_data_rank=None: every rank holds the same full tensor and slices it locally.
+            shard = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
+            param.to_local().copy_(shard)
         else:
             param.copy_(full)
-    del reference, reference_state
+    del reference, reference_state, full
     model.init_rope()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)  # the transient reference is not training memory
 
 
 # --- gradient clipping
