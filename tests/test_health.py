@@ -205,6 +205,7 @@ def test_poisoned_sample_is_captured_worst_first(tmp_path, monkeypatch):
     assert rows[0]["step"] == 36 and rows[0]["lr"] > 0 and isinstance(rows[1]["text"], str)
 
 
+@pytest.mark.slow  # two tiny runs: ~20 s of CPU
 def test_nan_triggers_rollback_with_halved_lr_and_the_run_finishes(tmp_path):
     config = load_config("debug_model", TINY_RUN + [
         "--job.dump_folder", str(tmp_path), "--training.steps", "16", "--metrics.log_freq", "4",
