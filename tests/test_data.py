@@ -2,6 +2,7 @@
 
 import json
 import logging
+import pickle
 import shutil
 from pathlib import Path
 
@@ -97,6 +98,9 @@ def test_tensor_parallel_peers_get_identical_batches(prepared, tokenizer):
     with_workers = take(build_dataloader(loader_config(folder, "--data.num_workers", "2"), tokenizer, 1, 2), 6)
     for a, b in zip(plain, with_workers):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # Workers started by spawn or forkserver (the default from Python 3.14) receive the stream pickled.
+    stream = pickle.loads(pickle.dumps(build_dataloader(loader_config(folder), tokenizer, 1, 2).make_stream(0)))
+    assert all(torch.equal(x, y) for x, y in zip(next(iter(stream)).values(), plain[0].values()))
 
 
 def test_resume_gives_bitwise_the_next_batches_with_workers(prepared, tokenizer):

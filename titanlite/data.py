@@ -20,6 +20,7 @@ At training rates that is a few MB/s per worker, for a loader with no coordinati
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Callable, Iterator
 
@@ -198,9 +199,10 @@ def build_dataloader(config: Config, tokenizer: Tokenizer, dp_rank: int, dp_degr
                         f"tokens, fewer than one global micro-step ({micro_batch} x {dp_degree} ranks): use more "
                         "data or a smaller training.micro_batch_size")
 
-    def batch_fn(row_block: np.ndarray) -> dict:
-        return make_batch(row_block, tokenizer.eos_id, data.loss_across_documents,
-                          config.model.positions == "document", config.model.attention != "sdpa")
+    # A partial of a module-level function: picklable, for workers started by spawn or forkserver.
+    batch_fn = functools.partial(make_batch, eos_id=tokenizer.eos_id, loss_across_documents=data.loss_across_documents,
+                                 document_positions=config.model.positions == "document",
+                                 document_ids=config.model.attention != "sdpa")
 
     def make_stream(start_row: int) -> RankStream:
         return RankStream(rows, order, start_row, micro_batch, dp_rank, dp_degree, batch_fn)
