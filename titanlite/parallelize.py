@@ -152,6 +152,8 @@ _SAVED_OPS = {
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
     torch.ops._c10d_functional.reduce_scatter_tensor.default,
 }
+if hasattr(torch.ops.higher_order, "flex_attention"):  # the document-masked kernel, when compiled
+    _SAVED_OPS.add(torch.ops.higher_order.flex_attention)
 
 
 def _save_matmuls_and_attention(ctx, op, *args, **kwargs) -> CheckpointPolicy:
@@ -213,7 +215,8 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype, res
         if hasattr(module, "set_gradient_divide_factor"):
             module.set_gradient_divide_factor(1.0)
             # Plain SUM collectives: gloo has no PREMUL_SUM, and a factor of 1 needs no scaling.
-            module.set_force_sum_reduction_for_comms(True)
+            if hasattr(module, "set_force_sum_reduction_for_comms"):
+                module.set_force_sum_reduction_for_comms(True)
 
 
 # --- initialization
