@@ -283,3 +283,5 @@ def test_stop_wins_over_rollback_and_rollback_without_checkpoint_stops(tmp_path)
     monitor.rollbacks = config.health.max_rollbacks
     with pytest.raises(HealthStop, match="after 3 rollbacks"):
         monitor.roll_back(divergence, checkpointer, None, None)
+    with pytest.raises(HealthStop, match=r"spike at step 9: loss 5 vs trend 2.5 \(health.spike_action=stop\)"):
+        monitor.stop(spike, 9, checkpointer)

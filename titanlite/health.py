@@ -221,10 +221,12 @@ class HealthMonitor:
             group["lr"] = base_lr * lr_lambda(scheduler.last_epoch)
         scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
-    def roll_back(self, cause: Event, checkpointer, optimizer, scheduler) -> int:
-        """Reload the last checkpoint before `cause.start_step`, scale the LR; returns the resumed step.
+    def roll_back(self, cause: Event, checkpointer, optimizer, scheduler, loader=None, batches_per_step: int = 1):
+        """Reload the last checkpoint before `cause.start_step` and scale the LR.
 
-        Raises HealthStop when rollbacks are used up or no checkpoint predates the failure.
+        Returns (the checkpoint's step, a fresh iterator over `loader` at its data position, past
+        the failed window's batches if health.rollback_skip_data). Raises HealthStop when
+        rollbacks are used up or no checkpoint predates the failure.
         """
         if self.rollbacks >= self.settings.max_rollbacks:
             raise HealthStop(f"{cause.signal} at step {cause.step} after {self.rollbacks} rollbacks "
@@ -244,7 +246,21 @@ class HealthMonitor:
         self.apply_lr_scale(optimizer, scheduler)
         logger.warning("health: rolled back to step %d (%s); LR scale now %.4g, rollback %d of %d",
                        step, path, self.lr_scale, self.rollbacks, self.settings.max_rollbacks)
-        return step
+        data_iterator = iter(loader) if loader is not None else None  # at the checkpoint's data position
+        if data_iterator is not None and self.settings.rollback_skip_data:
+            for _ in range((cause.step - step) * batches_per_step):  # do not replay what led to the failure
+                next(data_iterator)
+        return step, data_iterator
+
+    def stop(self, cause: Event, step: int, checkpointer) -> None:
+        """Save (unless diverged: that state must not become the checkpoint to resume) and raise HealthStop."""
+        if checkpointer is not None and cause.signal != "divergence":
+            checkpointer.maybe_save(step, force=True)
+        if checkpointer is not None:
+            checkpointer.close()
+        raise HealthStop(f"{cause.signal} at step {cause.step}: {cause.message} (health.{cause.signal}_action="
+                         f"stop). Events in {self.dump_folder / 'health.jsonl'}; run `python -m titanlite.diagnose "
+                         f"{self.dump_folder}`")
 
     def state_dict(self) -> dict:
         # One JSON string: DCP stores it as one object, whatever the lengths of the histories

@@ -183,20 +183,12 @@ def train(config: Config) -> list[dict]:
                     logger.info("compile: first step took %.1f s (torch.compile included)",
                                 time.perf_counter() - loop_start)
             action, cause = health.act(events)
-            if action == "rollback":
-                failed_step, step = step, health.roll_back(cause, checkpointer, optimizer, scheduler)
-                data_iterator = iter(loader)  # at the checkpoint's data position
-                if config.health.rollback_skip_data:  # do not replay the batches that led to the failure
-                    for _ in range((failed_step - step) * derived.grad_accum_steps):
-                        next(data_iterator)
+            if action == "rollback":  # reload, LR x factor, go on from the checkpoint's step
+                step, data_iterator = health.roll_back(cause, checkpointer, optimizer, scheduler, loader,
+                                                       derived.grad_accum_steps)
                 continue
             if action == "stop":
-                if cause.signal != "divergence":  # a diverged state must not become the checkpoint to resume
-                    checkpointer.maybe_save(step, force=True)
-                checkpointer.close(), profiler.close(), metrics.close()
-                raise HealthStop(f"{cause.signal} at step {cause.step}: {cause.message} "
-                                 f"(health.{cause.signal}_action=stop). Details in {dump_folder / 'health.jsonl'}; "
-                                 "run `python -m titanlite.diagnose` on the run folder")
+                health.stop(cause, step, checkpointer)  # raises HealthStop
         checkpointer.maybe_save(step, force=step == derived.total_steps)
 
     # --- tear-down
