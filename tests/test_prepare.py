@@ -115,6 +115,8 @@ def test_interrupted_run_resumes_and_skips_finished_shards(tmp_path, corpus, tok
     assert written[0] == "shard_00002.parquet" and "shard_00000.parquet" not in written
     for path in (tmp_path / "full").iterdir():
         assert (tmp_path / "cut" / path.name).read_bytes() == path.read_bytes(), path.name
+    written.clear()  # a finished preparation run again writes nothing
+    assert prep.prepare(settings, tmp_path / "cut", progress=False)["num_rows"] > 0 and written == []
 
 
 def test_resume_refuses_other_settings(tmp_path, corpus, tokenizer, monkeypatch):

@@ -117,6 +117,12 @@ def prepare(settings: Settings, output: Path, workers: int = 1, progress: bool =
     output.mkdir(parents=True, exist_ok=True)
     row_length = settings.seq_len + 1
     shard_tokens = settings.rows_per_shard * row_length
+    if (output / MANIFEST).exists():  # finished before: done if it is the same preparation and intact
+        manifest = json.loads((output / MANIFEST).read_text())
+        if manifest.get("settings") == asdict(settings) and all(
+                (output / s["path"]).exists() and file_sha256(output / s["path"]) == s["sha256"]
+                for s in manifest["shards"]):
+            return manifest
     shards, resume = _finished_shards(output, settings)
     (output / MANIFEST).unlink(missing_ok=True)  # a manifest exists only for a complete preparation
     counters = Counters(**resume["counters"])
