@@ -205,6 +205,21 @@ def test_poisoned_sample_is_captured_worst_first(tmp_path, monkeypatch):
     assert rows[0]["step"] == 36 and rows[0]["lr"] > 0 and isinstance(rows[1]["text"], str)
 
 
+def test_capture_rows_mark_where_packed_documents_start():
+    from titanlite.health import StepRecord, capture_rows
+    from titanlite.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer("default")
+    first, second = tokenizer.encode("The capital of Zounbraisnak"), tokenizer.encode("Figeafai is 42")
+    row = torch.tensor([first + [tokenizer.eos_id] + second])
+    batch = {"input_ids": row, "labels": row, "document_ids": torch.tensor([[0] * (len(first) + 1) + [1] * len(second)])}
+    record = StepRecord(5, 1e-3, torch.tensor([2.5]), torch.tensor([row.shape[1]]), [batch])
+    (captured,) = capture_rows(record, tokenizer)
+    assert captured["document_starts"] == [0, len(first) + 1]
+    assert captured["text"] == "The capital of Zounbraisnak" + tokenizer.decode([tokenizer.eos_id]) + "Figeafai is 42"
+    assert captured["document_ids"] == batch["document_ids"][0].tolist() and captured["loss"] == 2.5
+
+
 @pytest.mark.slow  # two tiny runs: ~20 s of CPU
 def test_nan_triggers_rollback_with_halved_lr_and_the_run_finishes(tmp_path):
     config = load_config("debug_model", TINY_RUN + [

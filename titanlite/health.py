@@ -296,21 +296,26 @@ def decode_or_none(tokenizer, token_ids: list[int]) -> str | None:
 
 
 def capture_rows(record: StepRecord, tokenizer=None) -> list[dict]:
-    """One JSON-ready row per sample of this rank's batch at `record.step` (host sync: rare event)."""
+    """One JSON-ready row per sample of this rank's batch at `record.step` (host sync: rare event).
+
+    document_starts: token offsets where a document begins (after each EOS), so a person can cut
+    the packed row into its documents. Any other per-sample field the loader adds (document ids,
+    source rows) is copied as is.
+    """
     losses, valid = record.sample_losses.tolist(), record.valid_tokens.tolist()
+    eos_id = getattr(tokenizer, "eos_id", None)
     rows, index = [], 0
     for micro_batch_index, batch in enumerate(record.micro_batches):
         for row_index in range(batch["input_ids"].shape[0]):
             token_ids = batch["input_ids"][row_index].tolist()
-            document_ids = batch.get("document_ids")
-            rows.append({
-                "step": record.step, "lr": record.lr, "loss": losses[index], "valid_tokens": int(valid[index]),
-                "micro_batch": micro_batch_index, "row": row_index,
-                "rank": dist.get_rank() if dist.is_initialized() else 0,
-                "document_ids": (sorted(set(document_ids[row_index].flatten().tolist()))
-                                 if document_ids is not None else None),
-                "token_ids": token_ids,
-                "text": decode_or_none(tokenizer, token_ids),
-            })
+            row = {"step": record.step, "lr": record.lr, "loss": losses[index], "valid_tokens": int(valid[index]),
+                   "micro_batch": micro_batch_index, "row": row_index,
+                   "rank": dist.get_rank() if dist.is_initialized() else 0,
+                   "document_starts": [0] + [i + 1 for i, t in enumerate(token_ids[:-1]) if t == eos_id]}
+            for key, value in batch.items():
+                if key not in ("input_ids", "labels", "positions") and torch.is_tensor(value):
+                    row[key] = value[row_index].tolist()  # e.g. document_ids (the loader's numbering)
+            row.update({"token_ids": token_ids, "text": decode_or_none(tokenizer, token_ids)})
+            rows.append(row)
             index += 1
     return rows
