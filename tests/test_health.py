@@ -220,7 +220,6 @@ def test_capture_rows_mark_where_packed_documents_start():
     assert captured["document_ids"] == batch["document_ids"][0].tolist() and captured["loss"] == 2.5
 
 
-@pytest.mark.slow  # two tiny runs: ~20 s of CPU
 def test_nan_triggers_rollback_with_halved_lr_and_the_run_finishes(tmp_path):
     config = load_config("debug_model", TINY_RUN + [
         "--job.dump_folder", str(tmp_path), "--training.steps", "16", "--metrics.log_freq", "4",
