@@ -165,7 +165,7 @@ class HealthMonitor:
 
     def act(self, events: list[Event]) -> tuple[str | None, Event | None]:
         """Log, record and capture each event; returns the strongest of stop/rollback, with its event."""
-        decision, cause = None, None
+        decision, cause, captured = None, None, set()
         for event in events:
             action = getattr(self.settings, f"{event.signal}_action")
             record = {**event.to_dict(), "action": action}
@@ -174,7 +174,8 @@ class HealthMonitor:
             if self.rank == 0:
                 with open(self.dump_folder / "health.jsonl", "a") as events_file:
                     events_file.write(json.dumps(record) + "\n")
-            if event.signal in CAPTURED_SIGNALS and action != "log":
+            if event.signal in CAPTURED_SIGNALS and action != "log" and event.signal not in captured:
+                captured.add(event.signal)  # the first step of each kind is the one that points at the cause
                 self.capture(event.step)
             if action in ("stop", "rollback") and (decision is None or action == "stop"):
                 decision, cause = action, event  # stop wins: it is the safer of the two
