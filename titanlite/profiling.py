@@ -54,6 +54,10 @@ class TrainingProfiler:
             folder = self.dump_folder / "profile_traces" / f"step-{profiler.step_num}"
             folder.mkdir(parents=True, exist_ok=True)
             profiler.export_chrome_trace(str(folder / f"rank{self.rank}_trace.json"))
+            # A plain-text table of the costliest ops: a first look without opening the trace.
+            sort_key = "self_cuda_time_total" if self.cuda else "self_cpu_time_total"
+            (folder / f"rank{self.rank}_top_ops.txt").write_text(
+                profiler.key_averages().table(sort_by=sort_key, row_limit=50, max_name_column_width=80))
             logger.info("profiling: trace of steps up to %d written to %s", profiler.step_num, folder)
 
         profiler = torch.profiler.profile(activities=activities, schedule=schedule, on_trace_ready=write_trace,
