@@ -8,8 +8,11 @@ parameter on disk), trained with bf16 autocast on random tokens. Measures:
   - load of that checkpoint into the live model and optimizer;
   - async saves (the first allocates the pinned staging buffers, later ones reuse them): the
     time `maybe_save` blocks, the time until the checkpoint is complete, and the training stall
-    = extra time of the steps that ran while it was written, against the baseline.
-Each checkpoint is deleted after its phase (one 7B-shape checkpoint of 4 layers is ~21 GB).
+    = extra time of the steps that ran while it was written, against the baseline, split into
+    blocking + the optimizer step waiting for the device-to-host copy (staging) + the slowdown
+    of the other steps while the writer threads ran (CPU, GIL, memory bandwidth).
+Each checkpoint is deleted after its phase (one 7B-shape checkpoint of 4 layers is ~21 GB), and
+the folder is removed at the end, also on failure. About 2-3 minutes on one H100.
 
 GPU:  python bench/bench_checkpoint.py --layers 4 --folder /tmp/titanlite_ckpt_bench \
           --out bench/results/checkpoint_h100.json
@@ -53,7 +56,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=4096)
     parser.add_argument("--folder", type=Path, default=Path("/tmp/titanlite_ckpt_bench"))
     parser.add_argument("--async-saves", type=int, default=2, help="async saves to time (the first pins memory)")
-    parser.add_argument("--max-steps-during-save", type=int, default=400)
+    parser.add_argument("--max-steps-during-save", type=int, default=200, help="then wait for the write")
+    parser.add_argument("--write-threads", type=int, default=None, help="checkpoint.write_threads (default: config)")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test: a tiny model")
     parser.add_argument("--out", type=Path, default=Path("bench/results/checkpoint.json"))
     args = parser.parse_args()
@@ -67,7 +71,8 @@ def main() -> None:
         "--training.micro_batch_size", "1", "--training.global_batch_tokens", str(seq_len),
         "--training.steps", "100000", "--parallelism.tensor_parallel_degree", "1",
         "--checkpoint.enable", "true", "--checkpoint.folder", str(args.folder.resolve()),
-        "--checkpoint.interval", "1000000", "--job.dump_folder", str(args.folder.resolve())])
+        "--checkpoint.interval", "1000000", "--job.dump_folder", str(args.folder.resolve()),
+        *(["--checkpoint.write_threads", str(args.write_threads)] if args.write_threads else [])])
     dims = ParallelDims.from_config(config, 1)
     model = build_model(config.model, seq_len, device="meta")
     model.to_empty(device=device)
@@ -90,13 +95,22 @@ def main() -> None:
         synchronize(device)  # bench only: time each step
         return time.perf_counter() - start
 
+    try:
+        run(args, config, dims, model, states, train_state, device, step)
+    finally:
+        shutil.rmtree(args.folder, ignore_errors=True)
+
+
+def run(args, config, dims, model, states, train_state, device, step) -> None:
+    seq_len = config.training.seq_len
     for _ in range(3):
         step()
     baseline = statistics.median(step() for _ in range(10))
     result = {"command": " ".join(sys.argv), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
               "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch_version": torch.__version__, "layers": args.layers, "seq_len": seq_len,
-              "parameters": model.num_params(), "baseline_step_s": baseline}
+              "parameters": model.num_params(), "write_threads": config.checkpoint.write_threads,
+              "baseline_step_s": baseline}
     print(f"{model.num_params():,} parameters, baseline step {baseline * 1e3:.1f} ms", flush=True)
 
     # --- synchronous save, then load
@@ -139,18 +153,31 @@ def main() -> None:
             step_times.append(step())
         checkpointer.wait()
         total = time.perf_counter() - start
+        timings = dict(checkpointer.async_timings)
         stall = blocking + sum(max(0.0, t - baseline) for t in step_times)
+        contention = max(0.0, stall - blocking - timings["staging_wait_s"])
+        median = statistics.median(step_times) if step_times else baseline
         result["async"].append({"blocking_s": blocking, "complete_after_s": total, "steps_during_save": len(step_times),
-                                "stall_s": stall, "max_step_s": max(step_times, default=0.0),
-                                "median_step_during_save_s": statistics.median(step_times) if step_times else None})
-        print(f"async save {index + 1}: blocks {blocking:.2f} s, complete after {total:.2f} s, "
-              f"{len(step_times)} steps meanwhile, stall {stall:.2f} s", flush=True)
+                                "stall_s": stall, "staging_s": timings["staging_s"],
+                                "staging_wait_s": timings["staging_wait_s"], "write_s": timings["write_s"],
+                                "contention_stall_s": contention, "max_step_s": max(step_times, default=0.0),
+                                "median_step_during_save_s": median})
+        print(f"async save {index + 1}{' (pins buffers)' if index == 0 else ' (reuses buffers)'}: blocks "
+              f"{blocking:.2f} s, staged after {timings['staging_s']:.2f} s, written after {timings['write_s']:.2f} s, "
+              f"{len(step_times)} steps meanwhile; stall {stall:.2f} s = blocking {blocking:.2f} + waiting for "
+              f"staging {timings['staging_wait_s']:.2f} + slower steps {contention:.2f} (median step "
+              f"{median * 1e3:.1f} ms vs {baseline * 1e3:.1f})", flush=True)
         shutil.rmtree(checkpointer.latest_complete(), ignore_errors=True)
     checkpointer.close()
-    shutil.rmtree(args.folder, ignore_errors=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")
+    last = result["async"][-1] if result["async"] else {}
+    print(f"SUMMARY checkpoint {result['checkpoint_bytes'] / 1e9:.1f} GB, {result['write_threads']} threads: "
+          f"sync save {result['sync_save_s']:.1f} s ({result['sync_save_GBps']:.2f} GB/s), load "
+          f"{result['load_s']:.1f} s ({result['load_GBps']:.2f} GB/s); async (reused buffers) blocks "
+          f"{last.get('blocking_s', 0):.2f} s, written in {last.get('write_s', 0):.1f} s, training stall "
+          f"{last.get('stall_s', 0):.2f} s over {last.get('steps_during_save', 0)} steps")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -314,8 +315,11 @@ def test_unwritable_folder_fails_at_start(tmp_path):
         checkpointer_for(config, build_states(config))
 
 
-@pytest.mark.parametrize("async_mode", ["disabled", "async"])
-def test_full_disk_keeps_state_and_previous_checkpoint(saved, monkeypatch, async_mode):
+@pytest.mark.parametrize("async_mode, only_helper_threads", [("disabled", False), ("async", False), ("disabled", True),
+                                                             ("async", True)])
+def test_full_disk_keeps_state_and_previous_checkpoint(saved, monkeypatch, async_mode, only_helper_threads):
+    """The disk is full for every file, or only for the files of DCP's extra writer threads (their
+    errors do not reach the caller: the writer must notice the missing items itself)."""
     path, make_config = saved
     config = make_config()
     config.checkpoint.async_mode = async_mode
@@ -325,11 +329,16 @@ def test_full_disk_keeps_state_and_previous_checkpoint(saved, monkeypatch, async
     take_steps(states, 1)
     before = snapshot(states)
 
+    original = filesystem.FileSystem.create_stream
+
     def disk_full(self, file_path, mode):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(file_path))
+        if not only_helper_threads or "_write_files_from_queue" in threading.current_thread().name:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(file_path))
+        return original(self, file_path, mode)
 
     monkeypatch.setattr(filesystem.FileSystem, "create_stream", disk_full)
-    with pytest.raises(CheckpointError, match="saving step 3 to .*step-00000003.partial failed.*No space left"):
+    reason = "items were not written" if only_helper_threads else "No space left"
+    with pytest.raises(CheckpointError, match=f"saving step 3 to .*step-00000003.partial failed.*{reason}"):
         checkpointer.save(3)
         checkpointer.wait()  # an async save reports its failure here
     monkeypatch.undo()
@@ -337,3 +346,48 @@ def test_full_disk_keeps_state_and_previous_checkpoint(saved, monkeypatch, async
     assert not path.with_name("step-00000003.partial").exists()  # its space is given back
     assert checkpointer.latest_complete() == path
     assert checkpointer_for(config, build_states(config)).load() == 2  # still loadable
+
+
+def test_async_saves_in_a_row_reuse_the_stager_and_load_exactly(tmp_path, monkeypatch):
+    """Three async saves through one stager, each followed by training, then load the last.
+
+    torch 2.11's async_save closes the stager it is given once the upload is done (2.13 does not);
+    that broke the second save on the GPU (KeyError: <class 'type'>). The wrapper below does what
+    2.11 does, so this test covers that behaviour on any torch version.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    original_async_save = dcp.async_save
+
+    def async_save_closing_the_stager(*args, async_stager=None, **kwargs):
+        response = original_async_save(*args, async_stager=async_stager, **kwargs)
+        upload = getattr(response, "upload_completion", response)
+        upload.add_done_callback(lambda _: async_stager.close())
+        return response
+
+    monkeypatch.setattr(dcp, "async_save", async_save_closing_the_stager)
+    config = tiny_config(tmp_path, "--checkpoint.async_mode", "async", "--checkpoint.write_threads", "3")
+    states = build_states(config)
+    checkpointer = checkpointer_for(config, states)
+
+    def by_name(states) -> dict:
+        model, optimizer = states["model"], states["optimizer"]
+        tensors = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+        for name, parameter in model.named_parameters():
+            tensors.update({(name, key): value.clone() for key, value in optimizer.state[parameter].items()})
+        return tensors
+
+    for step in (1, 2, 3):
+        take_steps(states, 1)
+        states["train_state"].step = step
+        checkpointer.save(step)
+        saved = by_name(states)
+        take_steps(states, 1)  # changes the live state while the save may still be writing
+    checkpointer.close()
+    assert len(list(step_folder(tmp_path, 3).glob("*.distcp"))) == 3  # one file per writer thread
+    fresh = build_states(config)
+    assert checkpointer_for(config, fresh).load() == 3
+    loaded = by_name(fresh)
+    assert loaded.keys() == saved.keys() and len(saved) > 3 * len(list(fresh["model"].parameters()))
+    for key, tensor in saved.items():
+        assert torch.equal(loaded[key], tensor), key

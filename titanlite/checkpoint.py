@@ -26,6 +26,7 @@ import os
 import random
 import re
 import shutil
+import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,12 +35,13 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.staging import AsyncStager, DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 
-from titanlite.checkpoint_files import (PARTIAL, STEP_FOLDER, CheckpointError, check_model_matches, describe,
-                                        fresh_folder, load_model_weights, publish, read_checkpoint,
-                                        save_model_checkpoint)
+from titanlite.checkpoint_files import (PARTIAL, STEP_FOLDER, CheckedFileSystemWriter, CheckpointError,
+                                        ParallelFileSystemReader, check_model_matches, describe, fresh_folder,
+                                        load_model_weights, publish, read_checkpoint, save_model_checkpoint)
 
 __all__ = ["Checkpointer", "CheckpointError", "TrainState", "load_model_weights", "save_model_checkpoint"]
 logger = logging.getLogger("titanlite")
@@ -113,6 +115,35 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+class ReusedStager(AsyncStager):
+    """DCP's DefaultStager kept open across saves, so its pinned host buffers are allocated once.
+
+    torch 2.11's async_save closes the stager it is given when the upload finishes (2.13 closes
+    only the stagers it creates). A closed DefaultStager has emptied its copy dispatch table and
+    the next save fails with `KeyError: <class 'type'>`. So DCP's close() does nothing here;
+    the Checkpointer calls release() once, when it closes.
+    """
+
+    def __init__(self, options: StagingOptions):
+        self.stager = DefaultStager(options)
+
+    @property
+    def should_synchronize_after_execute(self) -> bool:
+        return self.stager.should_synchronize_after_execute
+
+    def stage(self, state_dict, **kwargs):
+        return self.stager.stage(state_dict, **kwargs)
+
+    def synchronize_staging(self) -> None:
+        self.stager.synchronize_staging()
+
+    def close(self) -> None:  # torch 2.11's async_save calls this after every save: keep the buffers
+        pass
+
+    def release(self) -> None:
+        self.stager.close()
+
+
 class Checkpointer:
     """Saves and restores `states` (Stateful objects) under <dump_folder>/<checkpoint.folder>.
 
@@ -145,18 +176,27 @@ class Checkpointer:
         self._in_flight = None  # (step, upload future, publisher future or None, partial folder)
         self._last_saved_step = None
         self._warned: set[str] = set()
+        # Seconds of the last async save, for benchmarks and logs: blocking (inside save()), staging
+        # (device-to-host copy, from the save call), staging_wait (the optimizer step waited for
+        # it), write (until the files were on disk, from the save call).
+        self.async_timings: dict[str, float] = {}
         if self.settings.enable:
             self._on_rank0(self._check_writable)
 
     @staticmethod
-    def _build_stager():
-        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
-
+    def _build_stager() -> ReusedStager:
         cuda = torch.cuda.is_available()
         # Pinned host buffers (allocated once, reused) make the device-to-host copy fast and let
         # it run on a side stream while training goes on.
-        return DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
-                                            use_async_staging=cuda, use_non_blocking_copy=cuda))
+        return ReusedStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
+                                           use_async_staging=cuda, use_non_blocking_copy=cuda))
+
+    def _writer(self, partial: Path) -> CheckedFileSystemWriter:
+        # One file per writer thread: threads serialize (CRC32 included) and write in parallel.
+        # sync_files: DCP fsyncs every data file before it writes .metadata, and publish() fsyncs
+        # meta.json and the folder around the rename, so a published checkpoint is on disk.
+        return CheckedFileSystemWriter(str(partial), single_file_per_rank=True, sync_files=True,
+                                       thread_count=self.settings.write_threads)
 
     def _dcp_kwargs(self) -> dict:
         return {"process_group": self.group} if self.distributed else {"no_dist": True}
@@ -202,7 +242,7 @@ class Checkpointer:
         if self.dataloader is not None:
             states["dataloader"] = _PerRankBlob(f"dp{self.dims.data_parallel_rank}", self.dataloader.state_dict)
         states["rng"] = _PerRankBlob(f"rank{self.rank}", rng_state)
-        writer = dcp.FileSystemWriter(str(partial))
+        writer = self._writer(partial)
         self._last_saved_step = step
         if not self.async_mode:
             try:
@@ -211,6 +251,7 @@ class Checkpointer:
                 self._fail(step, partial, error)
             self._on_rank0(lambda: self._publish(partial, final, meta))
             return
+        started = time.perf_counter()
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             # host sync: checkpoint step only. The stager copies on its own CUDA stream, which
             # would not wait for this step's optimizer kernels on the training stream.
@@ -221,12 +262,17 @@ class Checkpointer:
             self._fail(step, partial, error)
         upload = getattr(response, "upload_completion", response)  # torch >= 2.9 returns both futures
         self._staging = getattr(response, "staging_completion", None)
+        timings = self.async_timings = {"blocking_s": 0.0, "staging_s": 0.0, "staging_wait_s": 0.0, "write_s": 0.0}
+        for future, key in ((self._staging, "staging_s"), (upload, "write_s")):
+            if future is not None:
+                future.add_done_callback(lambda _, key=key: timings.__setitem__(key, time.perf_counter() - started))
         publisher = None
         if self.rank == 0:  # publish as soon as the files are written, not at the next save
             executor = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-publish")
             publisher = executor.submit(lambda: (upload.result(), self._publish(partial, final, meta)))
             executor.shutdown(wait=False)
         self._in_flight = (step, upload, publisher, partial)
+        timings["blocking_s"] = time.perf_counter() - started
 
     def _meta(self, step: int) -> dict:
         dims = self.dims
@@ -242,7 +288,10 @@ class Checkpointer:
         logger.info("checkpoint: saved step %d to %s", meta["step"], final)
         self._apply_retention()
 
-    def _fail(self, step: int, partial: Path, error: Exception) -> None:
+    def _fail(self, step: int, partial: Path, error: BaseException) -> None:
+        # The one-line error below is for the user; the full traceback (DCP's CheckpointException
+        # carries each failed rank's) is for whoever debugs it.
+        logger.error("checkpoint: saving step %d to %s failed", step, partial, exc_info=error)
         self._on_rank0(lambda: shutil.rmtree(partial, ignore_errors=True))  # free the space it took
         newest = self.complete_checkpoints()[-1][1] if self.complete_checkpoints() else "none"
         raise CheckpointError(f"saving step {step} to {partial} failed ({describe(error)}); "
@@ -250,8 +299,15 @@ class Checkpointer:
                               f"then resume") from None
 
     def _wait_for_staging(self) -> None:
+        """Runs before every optimizer step: waits for the device-to-host copy only, never the write."""
         if self._staging is not None:
-            self._staging.result()
+            started = time.perf_counter()
+            try:
+                self._staging.result()
+            except Exception:  # noqa: BLE001 - the upload fails with it too: wait() reports it
+                pass
+            self.async_timings["staging_wait_s"] = self.async_timings.get("staging_wait_s", 0.0) + (
+                time.perf_counter() - started)
             self._staging = None
 
     def wait(self) -> None:
@@ -274,7 +330,7 @@ class Checkpointer:
     def close(self) -> None:
         self.wait()
         if self.stager is not None:
-            self.stager.close()
+            self.stager.release()
             self.stager = None
 
     # --- retention and discovery
@@ -341,10 +397,12 @@ class Checkpointer:
                 logger.warning("checkpoint: %s has no %r state; it keeps its current value", path, name)
         check_model_matches(path, meta, metadata, self.config.model, states)
         try:
-            dcp.load(states, checkpoint_id=str(path), **self._dcp_kwargs())
+            reader = ParallelFileSystemReader(str(path), threads=self.settings.write_threads)
+            dcp.load(states, storage_reader=reader, **self._dcp_kwargs())
             if not model_only:
                 self._load_per_rank(path, meta, metadata)
         except (Exception, CheckpointException) as error:  # noqa: BLE001
+            logger.error("checkpoint: loading %s failed", path, exc_info=error)
             raise CheckpointError(f"loading {path} failed ({describe(error)})") from None
         saved = meta.get("layout", {})
         logger.info("checkpoint: loaded %s%s (saved on %s ranks, now %d)", path, " (model only)" if model_only else "",

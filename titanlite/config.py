@@ -136,6 +136,7 @@ class Checkpoint:
     keep_latest_k: int = 0  # retention; 0 keeps all (the newest complete one is never deleted)
     resume: str = "auto"  # auto (newest complete in folder) | never | path to a checkpoint
     async_mode: str = "disabled"  # disabled | async (staged in pinned host memory, written while training)
+    write_threads: int = 8  # files each rank writes (and reads on load) in parallel
     initial_load_path: str = ""  # with nothing to resume: start from this checkpoint (seed, HF import)
     initial_load_model_only: bool = True  # take only the weights from initial_load_path (step 0)
 
@@ -339,7 +340,7 @@ def validate(config: Config) -> None:
         "training.seq_len", "training.global_batch_tokens", "training.micro_batch_size",
         "optimizer.lr", "metrics.log_freq", "checkpoint.interval", "tokenizer.vocab_multiple",
         "parallelism.tensor_parallel_degree", "parallelism.data_parallel_replicate_degree",
-        "model.rope_theta", "model.norm_eps", "data.prefetch_factor",
+        "model.rope_theta", "model.norm_eps", "data.prefetch_factor", "checkpoint.write_threads",
     ]
     non_negative = [
         "training.total_tokens", "training.steps", "training.grad_clip", "optimizer.weight_decay",
