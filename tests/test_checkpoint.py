@@ -380,6 +380,8 @@ def test_async_saves_in_a_row_reuse_the_stager_and_load_exactly(tmp_path, monkey
     for step in (1, 2, 3):
         take_steps(states, 1)
         states["train_state"].step = step
+        if step == 3:  # closed behind the wrapper's back (another torch version): still saves
+            checkpointer.stager.stager.close()
         checkpointer.save(step)
         saved = by_name(states)
         take_steps(states, 1)  # changes the live state while the save may still be writing

@@ -1,7 +1,7 @@
 """Checkpoints: all training state saved with DCP, crash-safe, loadable under any layout.
 
 On disk, under <job.dump_folder>/<checkpoint.folder>/:
-    step-00000200/           complete: DCP files (.metadata, __<rank>_0.distcp) + meta.json
+    step-00000200/           complete: DCP files (.metadata, __<rank>_<n>.distcp: one per writer thread) + meta.json
     step-00000300.partial/   being written, or left by a crash: never loaded, removed later
 A save writes into `step-N.partial/`. DCP writes `.metadata` only after every rank's data is on
 disk; rank 0 then writes meta.json (step, tokens, layout, resolved config, for a person) and
@@ -125,13 +125,19 @@ class ReusedStager(AsyncStager):
     """
 
     def __init__(self, options: StagingOptions):
-        self.stager = DefaultStager(options)
+        self.options, self.stager = options, DefaultStager(options)
 
     @property
     def should_synchronize_after_execute(self) -> bool:
         return self.stager.should_synchronize_after_execute
 
     def stage(self, state_dict, **kwargs):
+        copier = getattr(self.stager, "_state_dict_stager", None)
+        if copier is not None and not getattr(copier, "_deepcopy_dispatch", True):
+            # Closed some other way than through close() (a torch version we have not seen):
+            # a fresh stager works, at the price of pinning new buffers.
+            logger.warning("checkpoint: the async stager was closed by torch; making a new one")
+            self.stager = DefaultStager(self.options)
         return self.stager.stage(state_dict, **kwargs)
 
     def synchronize_staging(self) -> None:

@@ -1,6 +1,6 @@
 """Checkpoint folders on disk: naming, atomic publishing, validation, single-process read/write.
 
-A checkpoint is a folder `step-NNNNNNNN/` holding DCP's files (`.metadata`, `__<rank>_0.distcp`)
+A checkpoint is a folder `step-NNNNNNNN/` holding DCP's files (`.metadata`, `__<rank>_<n>.distcp`)
 and a `meta.json` for people (step, tokens, layout, the resolved config). It is written as
 `step-NNNNNNNN.partial/` and renamed once complete (see checkpoint.py). Everything here works
 in one process without torch.distributed: convert.py and the tests use it directly.
