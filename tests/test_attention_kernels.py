@@ -80,7 +80,7 @@ def test_selected_kernel_tells_flash_from_math():
 
 
 def test_padding_candidates():
-    assert padding_candidates(100, "auto") == [100, 104, 128]
+    assert padding_candidates(100, "auto") == [100, 128, 104]
     assert padding_candidates(128, "auto") == [128]
     assert padding_candidates(100, "none") == [100]
     assert padding_candidates(100, "128") == [128]
@@ -91,7 +91,9 @@ def test_resolution_pads_when_the_true_dim_falls_to_math_and_fails_loudly_otherw
     shape = dict(dim=3200, n_heads=32, n_kv_heads=8)
     resolve = resolve_attention_head_dim_padding
     assert resolve(ModelConfig(**shape), 8, torch.float32, cpu, sdpa_causal) == "none"
-    assert resolve(ModelConfig(**shape), 8, torch.float32, cpu, fast_only_for_multiples_of_8) == "104"
+    assert resolve(ModelConfig(**shape), 8, torch.float32, cpu, fast_only_for_multiples_of_8) == "128"
+    assert resolve(ModelConfig(attention_head_dim_padding="104", **shape), 8, torch.float32, cpu,
+                   fast_only_for_multiples_of_8) == "104"
     assert resolve(ModelConfig(attention_head_dim_padding="128", **shape), 8, torch.float32, cpu,
                    fast_only_for_multiples_of_8) == "128"
     with pytest.raises(ConfigError, match="head_dim 100.*math kernel would run silently"):
@@ -112,3 +114,27 @@ def test_bad_padding_values_are_rejected(value):
     with pytest.raises(ConfigError, match="attention_head_dim_padding"):
         load_config(None, ["--training.steps", "1", "--model.dim", "3200", "--model.n_heads", "32",
                            "--model.n_kv_heads", "8", "--model.attention_head_dim_padding", value])
+
+
+def test_auto_prefers_the_faster_kernel_over_no_padding(monkeypatch):
+    """H100: the true head_dim 100 runs on flash, padded to 128 on cuDNN (1.7x faster): pad."""
+    import titanlite.attention_kernels as attention_kernels
+
+    seen_head_dims = []
+    real_selected_kernel = attention_kernels.selected_kernel
+
+    def spy(q, k, v, scale, mask=None):
+        seen_head_dims.append(q.shape[-1])
+        return sdpa_causal(q, k, v, scale)
+
+    def h100_like(*args, **kwargs):
+        kernel = real_selected_kernel(*args, **kwargs)
+        return {100: "flash", 104: "cudnn", 128: "cudnn"}[seen_head_dims[-1]] if kernel != "math" else kernel
+
+    monkeypatch.setattr(attention_kernels, "selected_kernel", h100_like)
+    config = ModelConfig(dim=3200, n_heads=32, n_kv_heads=8)
+    assert resolve_attention_head_dim_padding(config, 1, torch.float32, torch.device("cpu"), spy) == "128"
+    assert set(seen_head_dims) == {100, 104, 128}  # every candidate was probed
+    seen_head_dims.clear()
+    config = ModelConfig(dim=4096, n_heads=32, n_kv_heads=8)  # head_dim 128: nothing to pad
+    assert resolve_attention_head_dim_padding(config, 1, torch.float32, torch.device("cpu"), spy) == "none"

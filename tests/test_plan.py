@@ -101,7 +101,7 @@ def test_compare_layouts_prefers_less_tp_when_it_fits():
 def test_cli_prints_the_plan_and_rejects_bad_configs(capsys):
     main(["--config", "7b_4k.toml"])
     out = capsys.readouterr().out
-    assert "6,721,638,400 total" in out and "A = 32" in out and "238,419 steps" in out and "716 warmup" in out
+    assert "6,721,638,400 total" in out and "A = 32" in out and "238,419 steps" in out and "715 warmup" in out
     main(["--config", "7b_4k.toml", "--json", "--compare-layouts", "--ngpu", "16"])
     result = json.loads(capsys.readouterr().out)
     assert result["config"]["ngpu"] == 16 and result["layouts"]

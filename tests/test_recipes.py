@@ -70,10 +70,10 @@ def test_derived_values_at_64_gpus_and_the_comments_that_state_them(size, contex
     gb = config.training.global_batch_tokens
     assert derived.data_parallel_degree == 8
     assert derived.grad_accum_steps == ACCUM_AT_64_GPUS[size]
-    # 1T / GB_tok = 476,837.16 (3B) or 238,418.58 (7B, 13B); titanlite rounds up.
-    assert derived.total_steps == {"3b": 476_838, "7b": 238_419, "13b": 238_419}[size] == math.ceil(1e12 / gb)
-    # 2B / 2,097,152 = 953.67 and 3B / 4,194,304 = 715.26, rounded up.
-    assert derived.warmup_steps == {"3b": 954, "7b": 716, "13b": 716}[size]
+    # 1T / GB_tok = 476,837.16 (3B) or 238,418.58 (7B, 13B): SPEC's steps, to the nearest step.
+    assert derived.total_steps == {"3b": 476_837, "7b": 238_419, "13b": 238_419}[size] == round(1e12 / gb)
+    # 2B / 2,097,152 = 953.67 and 3B / 4,194,304 = 715.26: SPEC's 954 and 715.
+    assert derived.warmup_steps == {"3b": 954, "7b": 715, "13b": 715}[size]
     text = (CONFIG_DIR / f"{size}_{context}.toml").read_text()
     assert f"= {derived.grad_accum_steps}\n" in text
     assert re.search(rf"total steps = .* = {derived.total_steps:,}\n", text)

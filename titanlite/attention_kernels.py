@@ -114,7 +114,15 @@ def padding_candidates(head_dim: int, setting: str) -> list[int]:
         return [int(setting)]
     multiple_of_8 = -(-head_dim // 8) * 8
     power_of_2 = 1 << (head_dim - 1).bit_length()
-    return list(dict.fromkeys([head_dim, multiple_of_8, power_of_2]))
+    # The power of two before the multiple of 8: on H100 (torch 2.11) head_dim 100 padded to 128
+    # ran 1.05x faster than padded to 104 (bench/results/2026-11-27_attention_h100.json).
+    return list(dict.fromkeys([head_dim, power_of_2, multiple_of_8]))
+
+
+# Fastest first, measured on H100 with torch 2.11 for the recipes' causal GQA attention:
+# cuDNN ran 1.7x faster than flash at head_dim 128 and at 100 padded to 128
+# (bench/results/2026-11-27_sdpa_backends_h100.json, 2026-11-27_attention_h100.json).
+KERNEL_PREFERENCE = ("cudnn", "flash", "efficient")
 
 
 def resolve_attention_head_dim_padding(config: ModelConfig, tensor_parallel_degree: int, dtype: torch.dtype,
@@ -132,15 +140,20 @@ def resolve_attention_head_dim_padding(config: ModelConfig, tensor_parallel_degr
     q_heads = max(1, config.n_heads // tensor_parallel_degree)  # heads on one TP rank
     kv_heads = max(1, config.n_kv_heads // tensor_parallel_degree)
     scale = 1.0 / math.sqrt(head_dim)
-    tried = []
+    tried, fast = [], []
     for padded in padding_candidates(head_dim, config.attention_head_dim_padding):
         fn = attention_fn if padded == head_dim else pad_head_dim(attention_fn, padded)
         kernel = selected_kernel(fn, q_heads, kv_heads, head_dim, dtype, device, scale=scale)
         tried.append(f"head_dim {padded} -> {kernel}")
-        if kernel != "math":
-            logger.info("attention: head_dim %d%s runs on the SDPA %s kernel (%s, %s)", head_dim,
-                        "" if padded == head_dim else f" zero-padded to {padded}", kernel, dtype, device.type)
-            return "none" if padded == head_dim else str(padded)
+        if kernel != "math":  # kernels outside KERNEL_PREFERENCE (e.g. "fused") rank last
+            rank = KERNEL_PREFERENCE.index(kernel) if kernel in KERNEL_PREFERENCE else len(KERNEL_PREFERENCE)
+            fast.append((rank, len(fast), padded, kernel))
+    if fast:  # the fastest kernel wins; among equals, the earlier candidate
+        _, _, padded, kernel = min(fast)
+        logger.info("attention: head_dim %d%s runs on the SDPA %s kernel (%s, %s; tried %s)", head_dim,
+                    "" if padded == head_dim else f" zero-padded to {padded}", kernel, dtype, device.type,
+                    "; ".join(tried))
+        return "none" if padded == head_dim else str(padded)
     accepted = accepting_backends(attention_fn, q_heads, kv_heads, head_dim, dtype, device, scale=scale)
     raise ConfigError(
         f"attention: no fast SDPA kernel takes head_dim {head_dim} in {dtype} on {device.type} "

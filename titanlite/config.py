@@ -454,6 +454,12 @@ def data_parallel_shape(config: Config, world_size: int) -> tuple[int, int, int]
     return replicate, shard, tp
 
 
+def steps_for_tokens(tokens: int, tokens_per_step: int) -> int:
+    """Steps that consume `tokens`, rounded to the nearest step (SPEC: 1T / 2,097,152 = 476,837;
+    3B / 4,194,304 = 715; 2B / 2,097,152 = 954). Integer arithmetic: exact for any budget."""
+    return (tokens + tokens_per_step // 2) // tokens_per_step
+
+
 def derive(config: Config, world_size: int) -> Derived:
     replicate, shard, _ = data_parallel_shape(config, world_size)
     dp = replicate * shard
@@ -466,8 +472,8 @@ def derive(config: Config, world_size: int) -> Derived:
             f"micro_batch_size {train.micro_batch_size} x seq_len {train.seq_len} x data-parallel degree {dp} "
             f"= {per_pass}")
     grad_accum_steps = train.global_batch_tokens // per_pass
-    total_steps = train.steps or math.ceil(train.total_tokens / train.global_batch_tokens)
-    warmup_steps = math.ceil(config.lr_schedule.warmup_tokens / train.global_batch_tokens)
+    total_steps = train.steps or max(1, steps_for_tokens(train.total_tokens, train.global_batch_tokens))
+    warmup_steps = steps_for_tokens(config.lr_schedule.warmup_tokens, train.global_batch_tokens)
     return Derived(
         world_size=world_size, data_parallel_degree=dp, tokens_per_micro_batch=tokens_per_micro_batch,
         grad_accum_steps=grad_accum_steps, tokens_per_step=train.global_batch_tokens,

@@ -21,7 +21,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from titanlite.config import Health
+from titanlite.config import Health, steps_for_tokens
 from titanlite.health_detectors import Detectors, Event
 
 ADVICE = {
@@ -75,7 +75,7 @@ def run_settings(run: Path) -> tuple[Health, float, int, float, float]:
     known = {key: value for key, value in config.get("health", {}).items() if key in Health.__dataclass_fields__}
     training = config.get("training", {})
     batch = training.get("global_batch_tokens") or 1
-    warmup = math.ceil(config.get("lr_schedule", {}).get("warmup_tokens", 0) / batch)
+    warmup = steps_for_tokens(config.get("lr_schedule", {}).get("warmup_tokens", 0), batch)
     wait = config.get("metrics", {}).get("data_wait_warn_fraction", 0.05)
     return Health(**known), training.get("grad_clip", 1.0), warmup, wait, 30.0
 
