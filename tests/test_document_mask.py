@@ -16,8 +16,8 @@ from titanlite.model import build_model
 EOS, VOCAB = 95, 96
 
 
-def tiny_model(attention: str, positions: str = "document"):
-    config = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=160, vocab_size=VOCAB,
+def tiny_model(attention: str, positions: str = "document", dim: int = 64):
+    config = ModelConfig(dim=dim, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=160, vocab_size=VOCAB,
                          attention=attention, positions=positions)
     model = build_model(config, 128, "cpu")
     model.init_weights(seed=0)
@@ -55,14 +55,20 @@ def test_second_document_logits_equal_the_document_alone(packed):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled FlexAttention kernel needs a GPU")
 def test_compiled_flex_on_gpu_matches_the_document_alone(packed):
+    # bf16, as in training: the compiled FlexAttention kernel is what runs on a GPU. On torch 2.11
+    # (H100) inductor found no FlexAttention kernel for head_dim 16 (NoValidChoicesError), so this
+    # test uses head_dim 64; the 7B shape trains with flex (bench/results/2026-11-27_flex_h100.json).
     batch, a, b = packed
-    flex, alone = tiny_model("flex").cuda(), tiny_model("sdpa").cuda()
+    flex, alone = tiny_model("flex", dim=256).cuda().bfloat16(), tiny_model("sdpa", dim=256).cuda().bfloat16()
     batch = {k: v.cuda() for k, v in batch.items()}
     packed_logits = flex(batch["input_ids"], positions=batch["positions"], mask=batch["document_ids"])
     with torch.no_grad():
         b_logits = alone(torch.cat([b, torch.tensor([EOS])])[None].cuda())
-    torch.testing.assert_close(packed_logits.detach()[0, 23:64], b_logits[0], rtol=0, atol=1e-4)  # TF32-free fp32
-    packed_logits[0, 23:64].sum().backward()
+        crossing = alone(batch["input_ids"])
+    error = (packed_logits.detach()[0, 23:64].float() - b_logits[0].float()).abs().max()
+    assert error < 3e-2  # bf16 rounding of two different kernels
+    assert (crossing[0, 23:64].float() - b_logits[0].float()).abs().max() > 10 * error
+    packed_logits[0, 23:64].float().sum().backward()
     assert flex.layers["0"].attention.wq.weight.grad.abs().sum() > 0
 
 
