@@ -47,7 +47,9 @@ def prepared(tmp_path_factory, tokenizer):
 
 
 def loader_config(source, *extra):
-    return load_config(None, ["--data.source", str(source), "--training.seq_len", str(SEQ_LEN),
+    # The run folder beside the data (tmp_path): raw sources cache their Arrow files there.
+    return load_config(None, ["--data.source", str(source), "--job.dump_folder", str(Path(source).parent / "run"),
+                              "--training.seq_len", str(SEQ_LEN),
                               "--training.micro_batch_size", str(MICRO_BATCH), "--training.steps", "1",
                               "--data.pin_memory", "false", *extra])
 
