@@ -119,3 +119,15 @@ def test_readme_config_reference_is_current():
     spec.loader.exec_module(module)
     readme = (root / "README.md").read_text()
     assert module.readme_with_reference(readme) == readme, "run: python scripts/config_reference.py --write"
+
+
+@pytest.mark.parametrize("override, message", [
+    (["--data.source", "/nonexistent/data"], "titanlite: data error: data source /nonexistent/data: no such file"),
+    (["--tokenizer.path", "/nonexistent.model"], "titanlite: tokenizer error: tokenizer file /nonexistent.model"),
+])
+def test_cli_bad_data_and_tokenizer_exit_2_with_one_line(tmp_path, override, message):
+    failed = run_cli("--config", "debug_model", "--training.steps", "1", "--job.dump_folder", str(tmp_path),
+                     "--metrics.enable_tensorboard", "false", *override)
+    assert failed.returncode == 2
+    assert "Traceback" not in failed.stderr
+    assert any(line.startswith(message) for line in failed.stderr.splitlines()), failed.stderr

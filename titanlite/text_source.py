@@ -55,14 +55,14 @@ def resolve_files(source: str) -> list[str]:
     elif path.is_dir():
         files = [p for p in path.rglob("*") if p.suffix in EXTENSION_FORMATS and p.is_file()]
         if not files:
-            raise PrepareError(f"--source {source}: folder has no {'/'.join(EXTENSION_FORMATS)} files: "
+            raise PrepareError(f"data source {source}: folder has no {'/'.join(EXTENSION_FORMATS)} files: "
                                "point it at the data files")
     elif any(ch in source for ch in "*?["):
         files = [Path(p) for p in glob.glob(os.path.expanduser(source), recursive=True)]
         if not files:
-            raise PrepareError(f"--source {source}: the pattern matches no file")
+            raise PrepareError(f"data source {source}: the pattern matches no file")
     elif source.startswith((".", "/", "~")) or path.suffix in EXTENSION_FORMATS:
-        raise PrepareError(f"--source {source}: no such file or folder")
+        raise PrepareError(f"data source {source}: no such file or folder")
     else:
         return []  # a hub id
     for file in files:
@@ -95,7 +95,7 @@ def iter_texts(settings: Settings, cache_dir: Path) -> Iterator[tuple[str, int, 
             dataset = datasets.load_dataset(settings.source, settings.hub_config, split=settings.split,
                                             streaming=True, cache_dir=str(cache_dir))
         except Exception as error:
-            raise PrepareError(f"--source {settings.source}: not a local file and the hub dataset cannot be "
+            raise PrepareError(f"data source {settings.source}: not a local file and the hub dataset cannot be "
                                f"opened ({type(error).__name__}: {error})") from error
         for row, record in enumerate(dataset):
             yield settings.source, row, _text_of(record, settings, settings.source, row)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from titanlite.attention_kernels import check_attention_kernel
 from titanlite.checkpoint import CheckpointError, Checkpointer, TrainState
 from titanlite.config import Config, ConfigError, derive, load_config, render, world_size_from_env
-from titanlite.data import IGNORE_INDEX, build_dataloader, warn_if_data_bound
+from titanlite.data import IGNORE_INDEX, DataError, build_dataloader, warn_if_data_bound
 from titanlite.health import HealthMonitor, HealthStop, guarded_optimizer_step
 from titanlite.metrics import MetricLogger, init_logging, peak_flops_per_device
 from titanlite.model import build_model
@@ -29,7 +29,7 @@ from titanlite.optim import build_lr_scheduler, build_optimizer
 from titanlite.parallelize import (ParallelDims, clip_grad_norm, compile_loss, init_weights_layout_independent,
                                    loss_context, parallelize)
 from titanlite.profiling import OutOfMemory, TrainingProfiler, report_oom
-from titanlite.tokenizer import build_tokenizer, padded_vocab_size
+from titanlite.tokenizer import TokenizerError, build_tokenizer, padded_vocab_size
 
 logger = logging.getLogger("titanlite")
 
@@ -202,6 +202,16 @@ def train(config: Config) -> list[dict]:
     return metrics.history
 
 
+# Errors in the input or the run's state, with the exit code scripts can test: 2 bad input,
+# 1 a checkpoint or memory problem, 3 stopped on purpose by the health monitor.
+_USER_ERROR_TABLE = (
+    (ConfigError, "config error: ", 2), (TokenizerError, "tokenizer error: ", 2), (DataError, "data error: ", 2),
+    (CheckpointError, "checkpoint error: ", 1), (OutOfMemory, "", 1),
+    (HealthStop, "stopped by the health monitor: ", 3),
+)
+USER_ERRORS = tuple(kind for kind, _, _ in _USER_ERROR_TABLE)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Train a LLaMA-style model with titanlite.",
                                      epilog="Any config key can be overridden: --section.key value")
@@ -215,18 +225,10 @@ def main(argv: list[str] | None = None) -> None:
             print(render(config, derived))
             return
         train(config)
-    except ConfigError as error:
-        print(f"titanlite: config error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except HealthStop as error:
-        print(f"titanlite: stopped by the health monitor: {error}", file=sys.stderr)
-        sys.exit(3)
-    except OutOfMemory as error:
-        print(f"titanlite: {error}", file=sys.stderr)
-        sys.exit(1)
-    except CheckpointError as error:
-        print(f"titanlite: checkpoint error: {error}", file=sys.stderr)
-        sys.exit(1)
+    except USER_ERRORS as error:  # a person can fix these: one line, no traceback, a telling exit code
+        label, code = next((label, code) for kind, label, code in _USER_ERROR_TABLE if isinstance(error, kind))
+        print(f"titanlite: {label}{error}", file=sys.stderr)
+        sys.exit(code)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
