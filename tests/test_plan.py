@@ -64,7 +64,7 @@ def test_activation_and_logit_terms_scale_as_they_must():
     assert double.activations == pytest.approx(2 * base.activations)
     tokens, vocab = 4 * 4096, 128_256
     assert base.logits_and_loss == pytest.approx(12 * tokens * vocab / 8)  # fp32 upcast, log-softmax, its grad
-    full = estimate_memory(load_config("7b_4k.toml"), layout)
+    full = estimate_memory(load_config("7b_4k.toml", ["--activation_checkpoint.mode", "full"]), layout)
     # Full AC keeps only each block's input: 2 bytes x dim / TP per token and layer (+ the final norm's).
     assert full.activations == pytest.approx(tokens * (32 * 2 * 4096 / 8 + 2 * 2 * 4096))
     eager = ["--compile.enable", "false"]  # compiled blocks already drop most of what per-op AC recomputes

@@ -35,10 +35,11 @@ GIB = 2**30
 # gave 9,629. Each doubling of TP is assumed to cost the same factor again (not measured beyond 2).
 TP_THROUGHPUT_PER_DOUBLING = 9_629 / 11_713
 GPUS_PER_NODE = 8
-# Throughput cost of activation checkpointing, assumed (compute-bound): full AC recomputes each
-# block's forward (8 instead of 6 FLOPs per parameter and token); per-op selective AC recomputes
-# only norms, RoPE and SwiGLU pointwise ops (memory-bound, a few percent).
-AC_THROUGHPUT = {"none": 1.0, "selective": 0.95, "full": 0.75}
+# Throughput relative to no AC. Per-op selective AC recomputes only norms, RoPE and SwiGLU
+# pointwise ops: measured 0.987 on an H100 (7B shape, 8 layers, compiled;
+# bench/results/2026-11-27_vs_torchtitan_1xh100.json). Full AC re-runs each block's forward
+# (8 instead of 6 FLOPs per parameter and token): 0.75, assumed, not measured.
+AC_THROUGHPUT = {"none": 1.0, "selective": 0.99, "full": 0.75}
 ESTIMATE_MARGIN = 1.10  # a plan fits only with 10% to spare: the estimate is an estimate (README: measured error)
 
 
@@ -346,7 +347,7 @@ def render_layouts(rows: list[dict]) -> str:
         "TP ranks and the least recompute: TP costs throughput at these sizes, measured 0.82x at TP 2)" if pick
         else "pick: none fits: lower training.micro_batch_size")
     lines.append("(relative throughput: TP from the measured FSDP 4 vs FSDP 2 x TP 2 cost, compounded per doubling; "
-                 f"AC factors {AC_THROUGHPUT} assumed)")
+                 f"AC factors {AC_THROUGHPUT}: selective measured on an H100, full assumed)")
     return "\n".join(lines)
 
 
