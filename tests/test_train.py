@@ -37,7 +37,7 @@ def test_accumulated_micro_batches_equal_one_large_batch():
     labels[1, 3:] = IGNORE_INDEX  # unequal valid-token counts per micro-batch: naive averaging would be wrong
     labels[6, :12] = IGNORE_INDEX
 
-    # Reference: one batch of 8, mean over the valid tokens, plain autograd, grads clipped by hand.
+    # Reference: one batch of 8, mean over the valid tokens, plain autograd (clipped by hand below).
     loss = F.cross_entropy(reference(tokens).flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
     loss.backward()
     reference_norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in reference.parameters()))
@@ -52,6 +52,18 @@ def test_accumulated_micro_batches_equal_one_large_batch():
     for name, p in reference.named_parameters():
         torch.testing.assert_close(optimizer.grads[name], p.grad, rtol=1e-5, atol=1e-8)
     assert result["sample_losses"].shape == (8,)
+
+    # Clipping: with max norm = half the true norm, every gradient is scaled by exactly 1/2
+    # (torch's coefficient max_norm / (norm + 1e-6) is 0.5 to ~1e-6 relative at this norm).
+    max_norm = 0.5 * reference_norm.item()
+    assert max_norm > 1e-3  # far above the 1e-6 in the coefficient
+    result = train_step(model, optimizer, micro_batches, count_valid_tokens(micro_batches, dims),
+                        grad_clip=max_norm, autocast=torch.autocast("cpu", enabled=False))
+    torch.testing.assert_close(result["grad_norm"].double(), reference_norm, rtol=1e-5, atol=0)  # before clipping
+    for name, p in reference.named_parameters():
+        torch.testing.assert_close(optimizer.grads[name], p.grad * 0.5, rtol=1e-5, atol=1e-8)
+    clipped_norm = torch.sqrt(sum((g.double() ** 2).sum() for g in optimizer.grads.values()))
+    torch.testing.assert_close(clipped_norm, torch.tensor(max_norm, dtype=torch.float64), rtol=1e-5, atol=0)
 
 
 @pytest.mark.slow
