@@ -125,7 +125,10 @@ class HealthMonitor:
         # inf for NaN: a max all-reduce over NaN is not defined the same way on every backend.
         self.stats[slot, 0].copy_(torch.nan_to_num(grad_norm, nan=math.inf))
         self.stats[slot, 1].copy_(torch.nan_to_num(sample_losses.max(), nan=math.inf))
-        self.stats[slot, 2].copy_(result.get("skipped", torch.zeros((), device=self.stats.device)))
+        if "skipped" in result:  # not .get(default): that would allocate a device zero every step
+            self.stats[slot, 2].copy_(result["skipped"])
+        else:
+            self.stats[slot, 2].zero_()  # the slot may hold an earlier window's flag
         self.pending.append(StepRecord(step, lr, sample_losses.detach(), valid, host_batches))
         self.last_step = step
 
