@@ -1,0 +1,66 @@
+"""MetricLogger's throughput, MFU and data-wait arithmetic against hand-computed values, and the peak table."""
+
+import json
+import logging
+
+import pytest
+import torch
+
+import titanlite.metrics as metrics
+from titanlite.metrics import MetricLogger, format_record, peak_flops_per_device
+
+
+class FakeClock:
+    def __init__(self, now: float):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_throughput_mfu_and_data_wait_per_window(tmp_path, monkeypatch):
+    clock = FakeClock(100.0)
+    monkeypatch.setattr(metrics.time, "perf_counter", clock)
+    logger = MetricLogger(tmp_path, 0, flops_per_token=1000, peak_flops=8.192e6, tensorboard=False, jsonl=True,
+                          device=torch.device("cpu"))
+    logger.count(4096, 0.5)
+    logger.count(4096, 0.25)
+    clock.now = 102.0  # 8192 tokens in 2 s, 0.75 s of it waiting for data
+    first = logger.log(10, {"loss": 2.0})
+    assert first["tokens_per_second_per_device"] == 4096.0
+    assert first["tflops_per_device"] == pytest.approx(4096 * 1000 / 1e12, rel=1e-12)
+    assert first["mfu_percent"] == pytest.approx(50.0, rel=1e-12)  # 4.096e6 of 8.192e6 FLOP/s
+    assert first["data_wait_fraction"] == pytest.approx(0.375, rel=1e-12)
+    logger.count(1024, 0.0)
+    clock.now = 104.0  # the window restarted at the last log: 1024 tokens in 2 s, no wait
+    second = logger.log(20, {"loss": 1.5})
+    assert second["tokens_per_second_per_device"] == 512.0 and second["data_wait_fraction"] == 0.0
+    logger.close()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == logger.history == [first, second]
+    text = format_record(first)
+    assert "step: 10  loss: 2.0000" in text and "tokens/s/device: 4,096" in text and "mfu: 50.0%" in text
+
+
+def test_no_mfu_without_a_peak(tmp_path):
+    logger = MetricLogger(tmp_path, 0, 1000, 0.0, tensorboard=False, jsonl=False, device=torch.device("cpu"))
+    logger.count(10, 0.0)
+    assert "mfu_percent" not in logger.log(1, {"loss": 1.0})
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("name, dense_bf16", [  # NVIDIA datasheets, dense (the sparse figure is 2x)
+    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 NVL", 835e12), ("NVIDIA H100 PCIe", 756e12),
+    ("NVIDIA H200", 989e12), ("NVIDIA GH200 480GB", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12)])
+def test_peak_flops_of_known_gpus(monkeypatch, name, dense_bf16):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert peak_flops_per_device(torch.device("cuda", 0)) == dense_bf16
+
+
+def test_peak_flops_override_cpu_and_unknown(monkeypatch, caplog):
+    assert peak_flops_per_device(torch.device("cpu")) == 0.0
+    assert peak_flops_per_device(torch.device("cpu"), override=123e12) == 123e12
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    with caplog.at_level(logging.WARNING, logger="titanlite"):
+        assert peak_flops_per_device(torch.device("cuda", 0)) == 0.0
+    assert "set metrics.peak_flops" in caplog.text
