@@ -53,6 +53,37 @@ def test_second_document_logits_equal_the_document_alone(packed):
     assert flex.layers["0"].attention.wq.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_train_step_loss_is_the_sum_over_documents_alone(packed):
+    """train_step passes the batch's document ids to the model: the packed row's loss equals the
+    summed losses of its documents, each run alone through plain causal attention.
+
+    (Per-document positions change nothing under the document mask: RoPE scores depend only on
+    relative positions. The output head is scaled 10x so that attending across documents moves
+    the summed loss by ~7e-4 relative, far above the 1e-5 tolerance.)"""
+    import torch.nn.functional as F
+
+    batch, _, _ = packed
+    flex, alone = tiny_model("flex"), tiny_model("sdpa")
+    inputs, labels = batch["input_ids"][0], batch["labels"][0]
+    with torch.no_grad():
+        flex.output.weight.mul_(10)
+        alone.output.weight.mul_(10)
+
+        def summed_loss(model, start, end, **kwargs):
+            logits = model(inputs[None, start:end], **kwargs)[0]
+            return F.cross_entropy(logits.double(), labels[start:end], ignore_index=-100, reduction="sum")
+
+        reference = sum(summed_loss(alone, start, end) for start, end in ((0, 23), (23, 64), (64, 80)))
+        crossing = summed_loss(alone, 0, 80)  # documents see each other
+    assert (crossing - reference).abs() > 1e-4 * reference  # the test can tell a dropped mask
+    valid = (labels != -100).sum().float()
+    optimizer = torch.optim.SGD(flex.parameters(), lr=0.0)
+    result = train_module.train_step(flex, optimizer, [batch], valid, 0.0, torch.autocast("cpu", enabled=False))
+    torch.testing.assert_close(result["sample_losses"][0].double(), reference, rtol=1e-5, atol=0)
+    torch.testing.assert_close(result["loss"].double(), reference / valid.double(), rtol=1e-5, atol=0)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled FlexAttention kernel needs a GPU")
 def test_compiled_flex_on_gpu_matches_the_document_alone(packed):
     # bf16, as in training: the compiled FlexAttention kernel is what runs on a GPU. On torch 2.11
