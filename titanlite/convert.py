@@ -275,11 +275,10 @@ def import_from_hf(hf_dir: Path, out_folder: Path, config: Config) -> Path:
 def write_seed_checkpoint(config: Config, out_folder: Path) -> Path:
     """Initialize the full model on the CPU in this one process and save it as step 0 (model only)."""
     from titanlite.model import build_model
-    from titanlite.tokenizer import build_tokenizer, padded_vocab_size
+    from titanlite.tokenizer import build_tokenizer_for_model
 
     if config.model.vocab_size == 0:
-        tokenizer = build_tokenizer(config.tokenizer.path)
-        config.model.vocab_size = padded_vocab_size(tokenizer.vocab_size, config.tokenizer.vocab_multiple)
+        build_tokenizer_for_model(config)  # fills model.vocab_size from the tokenizer
     model = build_model(config.model, config.training.seq_len, device="cpu")
     model.init_weights(seed=config.training.seed)
     return save_model_checkpoint(model.state_dict(), out_folder, 0, config)

@@ -185,6 +185,20 @@ def padded_vocab_size(vocab_size: int, multiple: int = 128) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
+def build_tokenizer_for_model(config) -> Tokenizer:
+    """The config's tokenizer; fills model.vocab_size = 0 from it (padded to tokenizer.vocab_multiple)
+    and refuses an explicit model.vocab_size smaller than the tokenizer's ids (ConfigError)."""
+    from titanlite.config import ConfigError  # config imports nothing of this module; keep it that way
+
+    tokenizer = build_tokenizer(config.tokenizer.path)
+    if config.model.vocab_size == 0:
+        config.model.vocab_size = padded_vocab_size(tokenizer.vocab_size, config.tokenizer.vocab_multiple)
+    elif config.model.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's "
+                          f"{tokenizer.vocab_size} ids: set model.vocab_size=0 to derive it")
+    return tokenizer
+
+
 def check_vocab_compatible(tokenizer: Tokenizer, recorded_fingerprint: str, source: str,
                            fix: str = "re-run titanlite.prepare") -> None:
     """Raise TokenizerError if `source` (e.g. "dataset manifest data/manifest.json") was made

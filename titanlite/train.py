@@ -29,7 +29,7 @@ from titanlite.optim import build_lr_scheduler, build_optimizer
 from titanlite.parallelize import (ParallelDims, clip_grad_norm, compile_loss, init_weights_layout_independent,
                                    loss_context, parallelize)
 from titanlite.profiling import OutOfMemory, TrainingProfiler, report_oom
-from titanlite.tokenizer import TokenizerError, build_tokenizer, padded_vocab_size
+from titanlite.tokenizer import TokenizerError, build_tokenizer_for_model
 
 logger = logging.getLogger("titanlite")
 
@@ -112,12 +112,7 @@ def train(config: Config) -> list[dict]:
         logger.info("derived: %s", {k: v for k, v in derived.__dict__.items()})
 
     # --- set-up: tokenizer, model, optimizer, data
-    tokenizer = build_tokenizer(config.tokenizer.path)
-    if config.model.vocab_size == 0:
-        config.model.vocab_size = padded_vocab_size(tokenizer.vocab_size, config.tokenizer.vocab_multiple)
-    elif config.model.vocab_size < tokenizer.vocab_size:
-        raise ConfigError(f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's "
-                          f"{tokenizer.vocab_size} ids: set model.vocab_size=0 to derive it")
+    tokenizer = build_tokenizer_for_model(config)  # also resolves model.vocab_size
     use_bf16 = device.type == "cuda" and config.training.mixed_precision == "bf16"
     check_attention_kernel(config, device)  # never a silent fallback to the math kernel
     model = build_model(config.model, config.training.seq_len, device="meta")
