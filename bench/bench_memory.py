@@ -32,6 +32,7 @@ from titanlite import parallelize as parallel  # noqa: E402
 from titanlite import train as trainer  # noqa: E402
 from titanlite.attention_kernels import check_attention_kernel  # noqa: E402
 from titanlite.config import load_config  # noqa: E402
+from titanlite.loss import cross_entropy_per_sample  # noqa: E402
 from titanlite.model import build_model  # noqa: E402
 from titanlite.optim import build_optimizer  # noqa: E402
 from titanlite.plan import GIB, Layout, estimate_memory  # noqa: E402
@@ -86,7 +87,7 @@ def measure(recipe: str, overrides: list[str], device_name: str, steps: int, tp:
     extra = {}
     accepted = inspect.signature(trainer.train_step).parameters
     if "loss_fn" in accepted and hasattr(parallel, "compile_loss"):
-        extra["loss_fn"] = parallel.compile_loss(trainer.cross_entropy_per_sample, dims, config)
+        extra["loss_fn"] = parallel.compile_loss(cross_entropy_per_sample, dims, config)
     if "loss_context" in accepted and hasattr(parallel, "loss_context"):
         extra["loss_context"] = parallel.loss_context(dims)
     generator = torch.Generator().manual_seed(dims.data_parallel_rank)

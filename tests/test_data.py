@@ -13,7 +13,8 @@ import torch
 from titanlite import prepare as prep
 from titanlite.config import load_config
 from titanlite.corpus import generate_documents
-from titanlite.data import IGNORE_INDEX, DataError, build_dataloader, make_batch, warn_if_data_bound
+from titanlite.loss import IGNORE_INDEX
+from titanlite.data import DataError, build_dataloader, make_batch, warn_if_data_bound
 from titanlite.tokenizer import TokenizerError, build_tokenizer
 
 SEQ_LEN, ROWS_PER_SHARD, MICRO_BATCH = 16, 50, 2

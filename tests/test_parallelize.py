@@ -45,7 +45,7 @@ LOSS_RTOL, GRAD_NORM_RTOL = 1e-5, 3e-5
 
 def ignore_some_labels(loader):
     """Mark labels whose token id is divisible by 3 as ignored: same rows, uneven valid counts."""
-    from titanlite.data import IGNORE_INDEX
+    from titanlite.loss import IGNORE_INDEX
 
     for batch in loader:
         labels = batch["labels"].clone()

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from titanlite.config import Model as ModelConfig
 from titanlite.config import load_config
-from titanlite.data import IGNORE_INDEX
+from titanlite.loss import IGNORE_INDEX
 from titanlite.model import build_model
 from titanlite.train import count_valid_tokens, train, train_step
 from titanlite.parallelize import ParallelDims

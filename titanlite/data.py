@@ -31,9 +31,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from titanlite.config import Config
 from titanlite.data_sources import DataError, build_rows  # noqa: F401  (DataError: part of this module's interface)
+from titanlite.loss import IGNORE_INDEX
 from titanlite.tokenizer import Tokenizer
 
-IGNORE_INDEX = -100  # label value that the loss skips
 logger = logging.getLogger("titanlite")
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from titanlite.data import IGNORE_INDEX
+from titanlite.loss import valid_tokens_per_sample
 from titanlite.health_detectors import Detectors, Event
 
 logger = logging.getLogger("titanlite")
@@ -118,7 +118,7 @@ class HealthMonitor:
             raise RuntimeError(f"health: {self.capacity} steps recorded without a check: call check() every "
                                "metrics.log_freq steps")
         slot = len(self.pending)
-        valid = torch.cat([(batch["labels"] != IGNORE_INDEX).sum(dim=1) for batch in micro_batches])
+        valid = torch.cat([valid_tokens_per_sample(batch["labels"]) for batch in micro_batches])
         sample_losses = result["sample_losses"] / valid.clamp(min=1)
         grad_norm = full_value(result["grad_norm"]).detach().float()
         self.losses[slot].copy_(result["loss"].detach())

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from titanlite.attention_kernels import check_attention_kernel
 from titanlite.checkpoint import CheckpointError, Checkpointer, TrainState
 from titanlite.config import Config, ConfigError, derive, load_config, render, world_size_from_env
-from titanlite.data import IGNORE_INDEX, DataError, build_dataloader, warn_if_data_bound
+from titanlite.data import DataError, build_dataloader, warn_if_data_bound
 from titanlite.health import HealthMonitor, HealthStop, guarded_optimizer_step
+from titanlite.loss import IGNORE_INDEX, cross_entropy_per_sample
 from titanlite.metrics import MetricLogger, init_logging, peak_flops_per_device
 from titanlite.model import build_model
 from titanlite.optim import build_lr_scheduler, build_optimizer
@@ -32,13 +32,6 @@ from titanlite.profiling import OutOfMemory, TrainingProfiler, report_oom
 from titanlite.tokenizer import TokenizerError, build_tokenizer_for_model
 
 logger = logging.getLogger("titanlite")
-
-
-def cross_entropy_per_sample(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed token losses of each sample, fp32, (batch,); IGNORE_INDEX labels count 0."""
-    token_losses = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(0, 1),
-                                   reduction="none", ignore_index=IGNORE_INDEX)
-    return token_losses.view(labels.shape).sum(dim=1)
 
 
 def train_step(model, optimizer, micro_batches: list[dict], global_valid_tokens: torch.Tensor,
