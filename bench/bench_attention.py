@@ -24,8 +24,7 @@ import torch
 from torch.nn.attention import sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from titanlite.attention_kernels import BACKENDS, accepting_backends, pad_head_dim, selected_kernel  # noqa: E402
-from titanlite.model import sdpa_causal  # noqa: E402
+from titanlite.attention import BACKENDS, accepting_backends, pad_head_dim, sdpa_causal, selected_kernel  # noqa: E402
 
 RECIPE_SHAPES = {"3b": (32, 8, 100), "7b": (32, 8, 128), "13b": (40, 8, 128)}  # q heads, kv heads, head_dim
 

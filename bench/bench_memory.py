@@ -30,8 +30,8 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from titanlite import parallelize as parallel  # noqa: E402
 from titanlite import train as trainer  # noqa: E402
-from titanlite.attention_kernels import check_attention_kernel  # noqa: E402
-from titanlite.config import load_config  # noqa: E402
+from titanlite.attention import choose_attention_head_dim  # noqa: E402
+from titanlite.config import load_config, resolve  # noqa: E402
 from titanlite.loss import cross_entropy_per_sample  # noqa: E402
 from titanlite.model import build_model  # noqa: E402
 from titanlite.optim import build_optimizer  # noqa: E402
@@ -71,12 +71,14 @@ def measure(recipe: str, overrides: list[str], device_name: str, steps: int, tp:
     config = load_config(f"{recipe}.toml", overrides + [
         "--tokenizer.path", "default", "--parallelism.tensor_parallel_degree", str(tp),
         "--training.steps", str(steps)])
-    train = config.training
-    train.global_batch_tokens = accum * train.micro_batch_size * train.seq_len * (world_size // tp)
-    dims = parallel.ParallelDims.from_config(config, world_size)
-    dims.build_mesh(device.type)
-    check_attention_kernel(config, device)
+    config.training.global_batch_tokens = (accum * config.training.micro_batch_size * config.training.seq_len
+                                           * (world_size // tp))
     use_bf16 = device.type == "cuda"
+    head_dim = choose_attention_head_dim(config.model, tp, torch.bfloat16 if use_bf16 else torch.float32, device)
+    run = resolve(config, world_size, config.model.vocab_size, device.type, head_dim)
+    config, train = run.config, run.config.training
+    dims = parallel.ParallelDims.from_run(run)
+    dims.build_mesh(device.type)
     model = build_model(config.model, train.seq_len, device="meta")
     parallel.parallelize(model, dims, config, param_dtype=torch.bfloat16 if use_bf16 else torch.float32)
     parallel.init_weights_layout_independent(
@@ -113,7 +115,7 @@ def measure(recipe: str, overrides: list[str], device_name: str, steps: int, tp:
     return {"recipe": recipe, "overrides": overrides, "world_size": world_size, "layout": layout.name,
             "grad_accum_steps": accum, "micro_batch_size": train.micro_batch_size, "seq_len": train.seq_len,
             "activation_checkpoint": config.activation_checkpoint.mode, "compile": config.compile.enable,
-            "attention_head_dim_padding": config.model.attention_head_dim_padding,
+            "attention_head_dim": config.model.attention_head_dim,
             "measured_peak_gib": round(measured / GIB, 3), "step_peaks_gib": [round(p / GIB, 3) for p in step_peaks],
             "max_reserved_gib": round(torch.cuda.max_memory_reserved(device) / GIB, 3) if device.type == "cuda" else 0,
             "estimated_peak_gib": round(estimate.peak / GIB, 3), "estimate_gib": estimate.gib(),

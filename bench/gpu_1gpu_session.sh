@@ -13,7 +13,7 @@ if [[ ${1:-compare} == compare ]]; then
   timeout 130 bench/gpu_case.sh titanlite 7b_l8_sac 1 $(seven_b 8) $(bench_steps 4 30) --compile.enable true --activation_checkpoint.mode selective
   timeout 130 bench/gpu_case.sh torchtitan 7b_l8_noac 1 $(tt) --activation_checkpoint.mode none
   timeout 130 bench/gpu_case.sh titanlite 7b_l8_noac 1 $(seven_b 8) $(bench_steps 4 30) --compile.enable true
-  timeout 90 python3 -m pytest -q tests/test_document_mask.py > "$OUT/flex_gpu_test.log" 2>&1; tail -n 2 "$OUT/flex_gpu_test.log"
+  timeout 90 python3 -m pytest -q tests/test_attention.py -k flex > "$OUT/flex_gpu_test.log" 2>&1; tail -n 2 "$OUT/flex_gpu_test.log"
   timeout 120 python3 bench/bench_health.py --out "$OUT/health.json" > "$OUT/health.log" 2>&1; tail -n 4 "$OUT/health.log"
 else
   timeout 200 python3 bench/bench_checkpoint.py --layers 4 --folder /tmp/ckb --out "$OUT/checkpoint.json" > "$OUT/checkpoint.log" 2>&1; tail -n 3 "$OUT/checkpoint.log"

@@ -1,46 +1,39 @@
-"""Print the config reference (every section and key, default and meaning) as Markdown.
+"""Print the config reference (every section and key: type, default, allowed values, meaning) as Markdown.
 
-The comments beside each field in titanlite/config.py are the single source; README.md holds
-this script's output between the CONFIG-REFERENCE markers, and a test keeps the two equal.
+The declarations in titanlite/config.py (`setting(default, help, choices=..., ge=...)`) are the
+single source; README.md holds this script's output between the CONFIG-REFERENCE markers, and a
+test keeps the two equal.
     python scripts/config_reference.py            # print
     python scripts/config_reference.py --write    # refresh README.md
 """
 
-import dataclasses
-import re
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from titanlite import config as config_module  # noqa: E402
+from titanlite.config import declared_fields  # noqa: E402
 
 BEGIN, END = "<!-- CONFIG-REFERENCE:BEGIN -->", "<!-- CONFIG-REFERENCE:END -->"
 
 
-def field_comments() -> dict[tuple[str, str], str]:
-    """(class name, field) -> the comment on its line in config.py."""
-    comments, current = {}, None
-    for line in Path(config_module.__file__).read_text().splitlines():
-        if match := re.match(r"class (\w+)", line):
-            current = match[1]
-        elif match := re.match(r"    (\w+): [^=]+= .*?#\s*(.*)$", line):
-            comments[(current, match[1])] = match[2]
-    return comments
+def allowed(rules: dict) -> str:
+    if rules["choices"]:
+        return " \\| ".join(f"`{choice}`" for choice in rules["choices"])
+    bounds = [f"{word} {rules[key]:g}" for key, word in (("gt", ">"), ("ge", ">="), ("le", "<=")) if rules[key] is not None]
+    return ", ".join(bounds)
 
 
 def reference() -> str:
-    comments = field_comments()
-    lines = []
-    for section in dataclasses.fields(config_module.Config):
-        cls = section.default_factory
-        lines += [f"**[{section.name}]**", "", "| key | default | meaning |", "|---|---|---|"]
-        for field in dataclasses.fields(cls):
-            default = getattr(cls(), field.name)
-            text = comments.get((cls.__name__, field.name), "").replace("|", "\\|")
-            lines.append(f"| `{section.name}.{field.name}` | `{default!r}` | {text} |")
-        lines.append("")
-    return "\n".join(lines).rstrip() + "\n"
+    lines, section = [], None
+    for dotted, item, kind in declared_fields():
+        if dotted.partition(".")[0] != section:
+            section = dotted.partition(".")[0]
+            lines += ["" if lines else None, f"**[{section}]**", "", "| key | type | default | allowed | meaning |",
+                      "|---|---|---|---|---|"]
+        text = item.metadata["help"].replace("|", "\\|")
+        lines.append(f"| `{dotted}` | {kind.__name__} | `{item.default!r}` | {allowed(item.metadata)} | {text} |")
+    return "\n".join(line for line in lines if line is not None) + "\n"
 
 
 def readme_with_reference(readme: str) -> str:

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from titanlite.config import ConfigError, derive, load_config, render
+from titanlite.config import ConfigError, load_config, render, resolve
 
 
 def write(tmp_path, text):
@@ -35,10 +35,19 @@ def test_named_config_resolves_in_train_configs():
     (["--training.steps", "1.5"], "training.steps='1.5': expected int"),
     (["--compile.enable", "maybe"], "compile.enable='maybe': expected bool"),
     (["--optimizer.lr", "-1e-4"], "optimizer.lr=-0.0001: must be > 0"),
-    (["--optimizer.beta2", "1.5"], "optimizer.beta2=1.5: must be in [0, 1]"),
+    (["--optimizer.beta2", "1.5"], "optimizer.beta2=1.5: must be <= 1"),
     (["--activation_checkpoint.mode", "some"], "allowed values are ['none', 'full', 'selective']"),
     (["--model.n_kv_heads", "3"], "model.n_kv_heads=3: must divide model.n_heads=8"),
     (["--training.steps"], "has no value"),
+    (["--training.local_batch_size", "4"], "did you mean training.micro_batch_size?"),
+    (["--lr_scheduler.warmup_steps", "4"], "did you mean lr_schedule.warmup_tokens (tokens, not steps)?"),
+    (["--training.max_norm", "1"], "did you mean training.grad_clip?"),
+    (["--job.config_file", "x.toml"], "did you mean --config FILE?"),
+    (["--training.micro_batchsize", "4"], "did you mean training.micro_batch_size?"),
+    (["--optimizer.lr", "nan"], "optimizer.lr=nan: must be a finite number"),
+    (["--training.grad_clip", "nan"], "training.grad_clip=nan: must be a finite number"),
+    (["--training.grad_clip", "inf"], "training.grad_clip=inf: must be a finite number"),
+    (["--data.default_num_documents", "-5"], "data.default_num_documents=-5: must be > 0"),
     (["positional"], "unexpected argument 'positional'"),
 ])
 def test_bad_overrides_name_the_key(overrides, fragment):
@@ -70,7 +79,7 @@ def test_derived_values_follow_the_corrected_formula():
         "--training.seq_len", "4096", "--training.micro_batch_size", "4", "--training.global_batch_tokens", "4194304",
         "--training.total_tokens", "1000000000000", "--training.steps", "0", "--lr_schedule.warmup_tokens", "3000000000",
         "--parallelism.tensor_parallel_degree", "8", "--model.n_kv_heads", "8"])
-    derived = derive(config, world_size=64)
+    derived = resolve(config, world_size=64, tokenizer_vocab_size=2048)
     assert derived.data_parallel_degree == 8
     assert derived.grad_accum_steps == 4194304 // (4 * 4096 * 8) == 32
     assert derived.total_steps == 238419  # 1e12 / 4194304 = 238,418.58
@@ -81,18 +90,18 @@ def test_derived_values_follow_the_corrected_formula():
 def test_indivisible_global_batch_and_bad_mesh_are_rejected():
     config = load_config("debug_model", ["--training.global_batch_tokens", "10000"])
     with pytest.raises(ConfigError, match="global_batch_tokens=10000: must be a multiple of"):
-        derive(config, world_size=1)
+        resolve(config, world_size=1, tokenizer_vocab_size=2048)
     config = load_config("debug_model", ["--parallelism.tensor_parallel_degree", "4"])
     with pytest.raises(ConfigError, match="world size 6 is not divisible"):
-        derive(config, world_size=6)
+        resolve(config, world_size=6, tokenizer_vocab_size=2048)
     config = load_config("debug_model", ["--parallelism.data_parallel_shard_degree", "3"])
     with pytest.raises(ConfigError, match="!= world size 4"):
-        derive(config, world_size=4)
+        resolve(config, world_size=4, tokenizer_vocab_size=2048)
 
 
 def test_render_contains_config_and_derived():
     config = load_config("debug_model")
-    text = render(config, derive(config, 1))
+    text = render(resolve(config, 1, 2048))
     assert "[training]" in text and "grad_accum_steps = 4" in text and "total_steps = 80" in text
 
 
@@ -131,3 +140,42 @@ def test_cli_bad_data_and_tokenizer_exit_2_with_one_line(tmp_path, override, mes
     assert failed.returncode == 2
     assert "Traceback" not in failed.stderr
     assert any(line.startswith(message) for line in failed.stderr.splitlines()), failed.stderr
+
+
+def test_bare_boolean_flags_mean_true():
+    config = load_config("debug_model", ["--checkpoint.enable", "--training.steps", "10", "--compile.enable"])
+    assert config.checkpoint.enable is True and config.compile.enable is True and config.training.steps == 10
+    with pytest.raises(ConfigError, match="override --training.steps has no value"):
+        load_config("debug_model", ["--training.steps", "--checkpoint.enable"])
+
+
+def test_help_lists_every_setting():
+    import dataclasses
+
+    from titanlite.config import Config
+    printed = run_cli("--help")
+    assert printed.returncode == 0
+    keys = [f"--{section.name}.{item.name}" for section in dataclasses.fields(Config)
+            for item in dataclasses.fields(section.default_factory)]
+    assert len(keys) > 90
+    missing = [key for key in keys if key not in printed.stdout]
+    assert not missing
+
+
+def test_resolve_leaves_the_loaded_config_unchanged_and_makes_every_auto_concrete():
+    config = load_config("debug_model", ["--model.attention_head_dim", "0"])
+    before = config.to_dict()
+    run = resolve(config, world_size=1, tokenizer_vocab_size=2056, attention_head_dim=40)
+    assert config.to_dict() == before  # the loaded config is never mutated
+    assert run.config.model.vocab_size == 2176  # 2056 padded to a multiple of 128
+    assert run.config.model.attention_head_dim == 40
+    assert resolve(config, 1, 2056).config.model.attention_head_dim == 32  # 0 = the true head dim (256 / 8)
+    assert run.to_dict()["derived"]["grad_accum_steps"] == 4
+    with pytest.raises(ConfigError, match="model.vocab_size=1024 is smaller than the tokenizer's 2056 ids"):
+        resolve(load_config("debug_model", ["--model.vocab_size", "1024"]), 1, 2056)
+
+
+def test_a_step_budget_is_needed_to_train_not_to_load():
+    config = load_config(None)  # tools (plan, convert, prepare) load configs without a step budget
+    with pytest.raises(ConfigError, match="training.total_tokens=0 and training.steps=0"):
+        resolve(config, 1, 2048)

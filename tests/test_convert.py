@@ -67,7 +67,7 @@ def test_round_trip_is_bitwise_exact(checkpoint, tmp_path):
     hf_config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert hf_config["num_key_value_heads"] == 2 and hf_config["rope_theta"] == 500000
     assert "model.layers.1.self_attn.q_proj.weight" in load_safetensors(tmp_path / "hf" / "model.safetensors")
-    imported = import_from_hf(tmp_path / "hf", tmp_path / "back", load_config(None, ["--training.steps", "1"]))
+    imported = import_from_hf(tmp_path / "hf", tmp_path / "back", load_config(None))
     original, _ = load_model_weights(path)
     restored, meta = load_model_weights(imported)
     assert meta["model_only"] and meta["config"]["model"]["n_kv_heads"] == 2
@@ -78,7 +78,7 @@ def test_round_trip_is_bitwise_exact(checkpoint, tmp_path):
     export_to_hf(path, tmp_path / "sharded", max_shard_bytes=40_000)
     index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
-    resharded = import_from_hf(tmp_path / "sharded", tmp_path / "back2", load_config(None, ["--training.steps", "1"]))
+    resharded = import_from_hf(tmp_path / "sharded", tmp_path / "back2", load_config(None))
     assert all(torch.equal(original[n], t) for n, t in load_model_weights(resharded)[0].items())
 
 
@@ -152,10 +152,10 @@ def test_bad_hf_input_is_rejected(checkpoint, tmp_path):
     hf_config = json.loads(config_path.read_text())
     config_path.write_text(json.dumps({**hf_config, "attention_bias": True}))
     with pytest.raises(ConvertError, match="attention_bias=true"):
-        import_from_hf(tmp_path / "hf", tmp_path / "out", load_config(None, ["--training.steps", "1"]))
+        import_from_hf(tmp_path / "hf", tmp_path / "out", load_config(None))
     config_path.write_text(json.dumps({**hf_config, "num_hidden_layers": 3}))
     with pytest.raises(ConvertError, match="no tensor 'model.layers.2.self_attn.q_proj.weight'"):
-        import_from_hf(tmp_path / "hf", tmp_path / "out", load_config(None, ["--training.steps", "1"]))
+        import_from_hf(tmp_path / "hf", tmp_path / "out", load_config(None))
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 

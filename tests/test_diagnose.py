@@ -10,13 +10,14 @@ from titanlite.config import load_config
 from titanlite.diagnose import diagnose, main
 from titanlite.train import train
 
-from test_health import TINY_RUN, power_law
+from conftest import tiny_config
+from test_health import HEALTH_RUN, power_law
 
 
 def write_run(folder, losses, log_freq=10, **extra_series):
     """A run folder as the trainer writes it: config.json and metrics.jsonl, one record per log step."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(load_config(None, ["--training.steps", "1"]).to_dict()))
+    (folder / "config.json").write_text(json.dumps(load_config(None).to_dict()))
     with open(folder / "metrics.jsonl", "w") as metrics:
         for index in range(log_freq - 1, len(losses), log_freq):
             record = {"step": index + 1, "loss": float(losses[index]), "grad_norm": 1.0, "lr": 3e-4,
@@ -52,9 +53,8 @@ def test_synthetic_runs_get_the_recipe_verdicts(tmp_path):
 
 def test_recorded_run_with_a_nan_is_diverged_and_plotted(tmp_path, capsys):
     pytest.importorskip("matplotlib")
-    config = load_config("debug_model", TINY_RUN + [
-        "--job.dump_folder", str(tmp_path), "--training.steps", "12", "--metrics.log_freq", "4",
-        "--health.inject_nan_at_step", "6", "--health.divergence_action", "log"])
+    config = tiny_config(tmp_path, *HEALTH_RUN, "--training.steps", "12", "--metrics.log_freq", "4",
+        "--health.inject_nan_at_step", "6", "--health.divergence_action", "log")
     history = train(config)
     assert history[-1]["step"] == 12 and np.isfinite(history[-1]["loss"])  # NaN step skipped, run went on
     main([str(tmp_path)])

@@ -10,21 +10,20 @@ import torch
 from distributed import run_distributed
 from titanlite.config import Model as ModelConfig
 from titanlite.config import load_config
-from titanlite.health import HealthMonitor, guarded_optimizer_step
+from titanlite.health import HealthMonitor, Verdict
+from titanlite.optim import step_unless_nonfinite
 from titanlite.health_detectors import Detectors
 from titanlite.model import build_model
 from titanlite.train import train, train_step
 
-TINY_RUN = ["--model.dim", "64", "--model.n_layers", "2", "--model.n_heads", "4", "--model.n_kv_heads", "2",
-            "--model.intermediate_size", "160", "--training.seq_len", "32", "--training.micro_batch_size", "4",
-            "--training.global_batch_tokens", "128", "--lr_schedule.warmup_tokens", "0",
-            "--data.default_num_documents", "400", "--metrics.enable_tensorboard", "false",
-            "--training.device", "cpu"]
+# The tiny run with the health detectors' inputs: 128 tokens per step, the tokenizer's vocabulary.
+HEALTH_RUN = ["--model.intermediate_size", "160", "--model.vocab_size", "0", "--training.global_batch_tokens", "128",
+              "--data.default_num_documents", "400"]
 
 
 def settings(**overrides):
     args = [item for key, value in overrides.items() for item in (f"--health.{key}", str(value))]
-    return load_config(None, ["--training.steps", "1"] + args).health
+    return load_config(None, args).health
 
 
 def power_law(steps: int, seed: int, noise: float = 0.02) -> np.ndarray:
@@ -140,11 +139,11 @@ def test_nonfinite_gradient_step_is_skipped_weights_and_state_unchanged(fused):
         for key, value in optimizer.state[p].items():
             assert torch.equal(value, state[name][key]), (name, key)  # moments and step count too
 
-    config = load_config(None, ["--training.steps", "1", "--metrics.log_freq", "2"])
+    config = load_config(None, ["--metrics.log_freq", "2"])
     monitor = HealthMonitor(config, 0, "/nonexistent", rank=0, device=torch.device("cpu"))
-    monitor.record(1, result, [batch], [batch], 1e-2)
+    monitor.record(1, result, torch.tensor([8, 8]), [batch], 1e-2)
     result = train_step(model, optimizer, [batch], valid, 1.0, torch.autocast("cpu", enabled=False))
-    monitor.record(2, result, [batch], [batch], 1e-2)
+    monitor.record(2, result, torch.tensor([8, 8]), [batch], 1e-2)
     window, events = monitor.check()
     assert window["overflow_steps"] == 1 and events == []  # one skip is not a divergence
     assert not any(torch.equal(p, weights[name]) for name, p in model.named_parameters())  # step 2 applied
@@ -154,7 +153,7 @@ def test_guard_can_be_turned_off():
     model = torch.nn.Linear(2, 2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
     model.weight.grad, model.bias.grad = torch.full((2, 2), math.nan), torch.zeros(2)
-    guarded_optimizer_step(optimizer, torch.tensor(math.nan), skip_nonfinite=False)
+    step_unless_nonfinite(optimizer, torch.tensor(math.nan), skip_nonfinite=False)
     assert torch.isnan(model.weight).all()
 
 
@@ -193,9 +192,8 @@ def test_poisoned_sample_is_captured_worst_first(tmp_path, monkeypatch):
     real_build, loaders = train_module.build_dataloader, []
     monkeypatch.setattr(train_module, "build_dataloader",
                         lambda *args: loaders.append(PoisonedLoader(real_build(*args), at=36)) or loaders[-1])
-    config = load_config("debug_model", TINY_RUN + [
-        "--job.dump_folder", str(tmp_path), "--training.steps", "38", "--metrics.log_freq", "5",
-        "--optimizer.lr", "1e-2", "--health.spike_window", "16", "--health.spike_min_history", "8"])
+    config = tiny_config(tmp_path, *HEALTH_RUN, "--training.steps", "38", "--metrics.log_freq", "5",
+                         "--optimizer.lr", "1e-2", "--health.spike_window", "16", "--health.spike_min_history", "8")
     train(config)
     events = [json.loads(line) for line in (tmp_path / "health.jsonl").read_text().splitlines()]
     assert [(e["signal"], e["step"], e["action"]) for e in events] == [("spike", 36, "capture")]
@@ -221,10 +219,9 @@ def test_capture_rows_mark_where_packed_documents_start():
 
 
 def test_nan_triggers_rollback_with_halved_lr_and_the_run_finishes(tmp_path):
-    config = load_config("debug_model", TINY_RUN + [
-        "--job.dump_folder", str(tmp_path), "--training.steps", "16", "--metrics.log_freq", "4",
-        "--checkpoint.enable", "true", "--checkpoint.interval", "5", "--health.inject_nan_at_step", "8",
-        "--lr_schedule.decay", "constant"])
+    config = tiny_config(tmp_path, *HEALTH_RUN, "--training.steps", "16", "--metrics.log_freq", "4",
+                         "--checkpoint.enable", "true", "--checkpoint.interval", "5", "--health.inject_nan_at_step", "8",
+                         "--lr_schedule.decay", "constant")
     history = train(config)
     events = [json.loads(line) for line in (tmp_path / "health.jsonl").read_text().splitlines()]
     assert [(e["signal"], e["step"], e["action"]) for e in events] == [("divergence", 8, "rollback")]
@@ -249,7 +246,7 @@ def _two_ranks_check_and_capture(folder):
     import torch.distributed as dist
 
     rank = dist.get_rank()
-    config = load_config(None, ["--training.steps", "1", "--metrics.log_freq", "2"])
+    config = load_config(None, ["--metrics.log_freq", "2"])
     monitor = HealthMonitor(config, 0, folder, rank=rank, device=torch.device("cpu"), reduce_group=dist.group.WORLD)
     labels = torch.zeros(2, 4, dtype=torch.long)
     batch = {"input_ids": torch.full((2, 4), rank), "labels": labels}
@@ -258,7 +255,7 @@ def _two_ranks_check_and_capture(folder):
         result = {"loss": torch.tensor((rank + step) / 4.0), "grad_norm": torch.tensor(1.5 * step),
                   "sample_losses": torch.tensor([4.0 * (rank + 1), 8.0 * (rank + 1) * step]),
                   "skipped": torch.tensor(float(rank == 1 and step == 2))}
-        monitor.record(step, result, [batch], [batch], 1e-3)
+        monitor.record(step, result, torch.tensor([4, 4]), [batch], 1e-3)
     window, _ = monitor.check()
     monitor.capture(2)
     return window
@@ -276,26 +273,34 @@ def test_ranks_agree_on_the_window_and_capture_gathers_every_rank(tmp_path):
     assert [row["loss"] for row in rows] == [8.0, 4.0, 2.0, 1.0] and rows[0]["token_ids"] == [1, 1, 1, 1]
 
 
-def test_stop_wins_over_rollback_and_rollback_without_checkpoint_stops(tmp_path):
+def test_stop_wins_over_rollback_and_rollback_without_checkpoint_stops(tmp_path, monkeypatch):
     from titanlite.checkpoint import Checkpointer, TrainState
     from titanlite.health import HealthStop
+    from titanlite.config import resolve
     from titanlite.health_detectors import Event
     from titanlite.parallelize import ParallelDims
+    from titanlite.train import roll_back, stop
 
-    config = load_config(None, ["--training.steps", "1", "--health.spike_action", "stop"])
+    config = load_config(None, ["--health.spike_action", "stop"])
     monitor = HealthMonitor(config, 0, tmp_path, rank=0, device=torch.device("cpu"))
     divergence = Event(9, "divergence", "loss is nan at step 9", 9, math.nan)
     spike = Event(9, "spike", "loss 5 vs trend 2.5", 9, 5.0)
-    assert monitor.act([divergence, spike]) == ("stop", spike)
+    assert monitor.decide([divergence, spike]) == Verdict("stop", spike)
     assert [json.loads(line)["action"] for line in (tmp_path / "health.jsonl").read_text().splitlines()] == \
         ["rollback", "stop"]
     model = torch.nn.Linear(2, 2)
-    checkpointer = Checkpointer(config, ParallelDims.from_config(config, 1), tmp_path,
+    run = resolve(config, 1, 2048)
+    checkpointer = Checkpointer(config, ParallelDims.from_run(run), tmp_path,
                                 {"model": model, "train_state": TrainState()})  # checkpoint.enable is off
     with pytest.raises(HealthStop, match="no checkpoint predates step 9 to roll back to"):
-        monitor.roll_back(divergence, checkpointer, None, None)
-    monitor.rollbacks = config.health.max_rollbacks
-    with pytest.raises(HealthStop, match="after 3 rollbacks"):
-        monitor.roll_back(divergence, checkpointer, None, None)
+        roll_back(divergence, monitor, checkpointer, None, run)
     with pytest.raises(HealthStop, match=r"spike at step 9: loss 5 vs trend 2.5 \(health.spike_action=stop\)"):
-        monitor.stop(spike, 9, checkpointer)
+        stop(spike, 9, checkpointer, tmp_path)
+    # Rollbacks used up: the stop names the checkpoint to resume from, the last one before the trouble.
+    import titanlite.train as train_module
+    monkeypatch.setattr(train_module, "last_checkpoint_before",
+                        lambda _, step: tmp_path / "checkpoint" / "step-00000005" if step == 9 else None)
+    monitor.rollbacks = config.health.max_rollbacks
+    with pytest.raises(HealthStop, match="after 3 rollbacks") as error:
+        roll_back(divergence, monitor, checkpointer, None, run)
+    assert f"--checkpoint.resume {tmp_path / 'checkpoint' / 'step-00000005'} --optimizer.lr" in str(error.value)

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from titanlite.config import load_config, derive
+from titanlite.config import load_config, resolve
 from titanlite.model import build_model
-from titanlite.optim import build_lr_scheduler, build_optimizer, lr_multiplier
+from titanlite.optim import build_optimizer, learning_rate, lr_multiplier, set_learning_rate
 
 
 def test_schedule_at_landmarks():
@@ -24,23 +24,20 @@ def test_schedule_at_landmarks():
     assert lr_multiplier(60, warmup, total, "constant", floor) == 1.0
 
 
-def test_scheduler_is_token_based_and_drives_the_optimizer():
+def test_schedule_is_token_based_and_scaled():
     # warmup_tokens = 3 steps of 8192 tokens; total 13 steps.
     config = load_config("debug_model", ["--lr_schedule.warmup_tokens", "24576", "--training.steps", "13",
                                          "--optimizer.lr", "1e-3"])
-    derived = derive(config, 1)
-    assert derived.warmup_steps == 3
-    model = build_model(config.model.__class__(vocab_size=128, dim=32, n_heads=4, n_kv_heads=2,
-                                               intermediate_size=64, n_layers=1), 8, "cpu")
-    optimizer = build_optimizer(model, config, "cpu")
-    scheduler = build_lr_scheduler(optimizer, config, derived)
-    seen = []
-    for _ in range(13):
-        seen.append(optimizer.param_groups[0]["lr"])  # the LR the next update uses
-        optimizer.step()
-        scheduler.step()
+    run = resolve(config, 1, 2048)
+    assert run.warmup_steps == 3
+    seen = [learning_rate(run, step) for step in range(1, 14)]
     assert seen[0] == pytest.approx(1e-3 / 3) and seen[2] == pytest.approx(1e-3)
     assert seen[-1] == pytest.approx(1e-4)  # update 13 = total steps: min LR
+    assert learning_rate(run, 7, scale=0.25) == pytest.approx(seen[6] / 4)  # a rollback's factor
+    model = torch.nn.Linear(2, 2)
+    optimizer = build_optimizer(model, config, "cpu")
+    set_learning_rate(optimizer, seen[4])
+    assert [group["lr"] for group in optimizer.param_groups] == [seen[4]] * 2
 
 
 def test_weight_decay_skips_norm_gains():

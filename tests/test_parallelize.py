@@ -19,20 +19,17 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from conftest import tiny_config
 from distributed import run_distributed
 from titanlite.config import ConfigError, load_config
 
-TINY = ["--model.dim", "64", "--model.n_layers", "2", "--model.n_heads", "4", "--model.n_kv_heads", "2",
-        "--model.intermediate_size", "128", "--model.vocab_size", "2048", "--training.seq_len", "32",
-        "--training.micro_batch_size", "2", "--training.global_batch_tokens", "256", "--training.steps", "10",
-        "--training.grad_clip", "0.5", "--training.device", "cpu", "--optimizer.lr", "3e-3",
-        "--lr_schedule.warmup_tokens", "512", "--metrics.log_freq", "1", "--metrics.enable_tensorboard", "false",
-        "--metrics.enable_jsonl", "false", "--data.default_num_documents", "300"]
+TINY = ["--training.micro_batch_size", "2", "--training.steps", "10", "--training.grad_clip", "0.5",
+        "--optimizer.lr", "3e-3", "--lr_schedule.warmup_tokens", "512", "--metrics.enable_jsonl", "false"]
 AC_MODES = {
     "none": [],
     "full": ["--activation_checkpoint.mode", "full"],
-    "op": ["--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective_option", "op"],
-    "layer2": ["--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective_option", "2"],
+    "op": ["--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective_blocks", "0"],
+    "layer2": ["--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective_blocks", "2"],
 }
 LAYOUTS = {  # name: (world size, overrides)
     "fsdp2": (2, []),
@@ -62,7 +59,7 @@ def train_runs(folder: str, runs: list[tuple[str, list[str]]]) -> dict[str, dict
     results = {}
     for name, overrides in runs:
         start = time.perf_counter()
-        config = load_config("debug_model", TINY + overrides + ["--job.dump_folder", os.path.join(folder, name)])
+        config = tiny_config(os.path.join(folder, name), *TINY, *overrides)
         history = train_module.train(config)
         results[name] = {"loss": [r["loss"] for r in history], "grad_norm": [r["grad_norm"] for r in history],
                          "seconds": time.perf_counter() - start}
@@ -131,14 +128,14 @@ def test_four_process_layouts_match_single_process(reference, four_process_runs)
 # --- the mesh and the TP plan
 
 def test_mesh_that_does_not_fit_the_world_is_refused():
-    from titanlite.config import derive
+    from titanlite.config import resolve
 
     config = load_config("debug_model", ["--parallelism.tensor_parallel_degree", "4"])
     with pytest.raises(ConfigError, match="world size 6 is not divisible by tensor_parallel_degree=4"):
-        derive(config, 6)
+        resolve(config, 6, 2048)
     config = load_config("debug_model", ["--parallelism.data_parallel_shard_degree", "3"])
     with pytest.raises(ConfigError, match="!= world size 4"):
-        derive(config, 4)
+        resolve(config, 4, 2048)
 
 
 @pytest.mark.parametrize("overrides, culprit", [
@@ -157,10 +154,11 @@ def inspect_fsdp_tp_layout():
     from torch.distributed.tensor import DTensor, Shard
 
     from titanlite.model import build_model
+    from titanlite.config import resolve
     from titanlite.parallelize import ParallelDims, init_weights_layout_independent, loss_context, parallelize
 
-    config = load_config("debug_model", TINY + ["--parallelism.tensor_parallel_degree", "2"])
-    dims = ParallelDims.from_config(config, 4)
+    config = tiny_config("unused", *TINY, "--parallelism.tensor_parallel_degree", "2")
+    dims = ParallelDims.from_run(resolve(config, 4, 2048))
     dims.build_mesh("cpu")
     model = build_model(config.model, config.training.seq_len)
     parallelize(model, dims, config, torch.float32)

@@ -10,14 +10,14 @@ from titanlite.config import load_config
 from titanlite.profiling import OutOfMemory, TrainingProfiler, report_oom
 from titanlite.train import train
 
-from test_health import TINY_RUN
+from conftest import tiny_config
+from test_health import HEALTH_RUN
 
 
 def test_training_run_writes_a_chrome_trace_per_profiled_window(tmp_path):
-    config = load_config("debug_model", TINY_RUN + [
-        "--job.dump_folder", str(tmp_path), "--training.steps", "8", "--metrics.log_freq", "4",
+    config = tiny_config(tmp_path, *HEALTH_RUN, "--training.steps", "8", "--metrics.log_freq", "4",
         "--profiling.enable_profiling", "true", "--profiling.profile_freq", "4",
-        "--profiling.profile_warmup", "1", "--profiling.profile_active", "1"])
+        "--profiling.profile_warmup", "1", "--profiling.profile_active", "1")
     train(config)
     traces = sorted((tmp_path / "profile_traces").glob("step-*/rank0_trace.json"))
     assert [path.parent.name for path in traces] == ["step-4", "step-8"]  # one window of 4 steps each
@@ -55,7 +55,7 @@ def test_oom_in_forward_is_the_forward(tmp_path):
 def test_compile_stats_count_frames_and_warn_on_recompilation(tmp_path, caplog):
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    profiler = TrainingProfiler(load_config(None, ["--training.steps", "1"]), tmp_path, 0, torch.device("cpu"))
+    profiler = TrainingProfiler(load_config(None), tmp_path, 0, torch.device("cpu"))
     assert profiler.compile_stats(1) == {}  # nothing compiled yet
 
     @torch.compile(backend="eager", dynamic=False)

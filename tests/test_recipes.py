@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from titanlite.config import CONFIG_DIR, derive, load_config
+from titanlite.config import CONFIG_DIR, load_config, resolve
 
 # Table A (4k) per model size; Table B changes only what TABLE_B lists.
 TABLE_A = {
@@ -66,7 +66,7 @@ def test_recipe_holds_every_table_value(size, context):
 @pytest.mark.parametrize("size,context", RECIPES)
 def test_derived_values_at_64_gpus_and_the_comments_that_state_them(size, context):
     config = load_config(f"{size}_{context}.toml")
-    derived = derive(config, 64)
+    derived = resolve(config, 64, 128256)
     gb = config.training.global_batch_tokens
     assert derived.data_parallel_degree == 8
     assert derived.grad_accum_steps == ACCUM_AT_64_GPUS[size]
@@ -83,6 +83,6 @@ def test_derived_values_at_64_gpus_and_the_comments_that_state_them(size, contex
 def test_recipes_need_the_64_gpu_mesh():
     # TP 8 needs a multiple of 8 processes, and GB_tok must divide over the data-parallel ranks.
     config = load_config("7b_4k.toml")
-    assert derive(config, 8).grad_accum_steps == 256  # one node: DP 1
+    assert resolve(config, 8, 128256).grad_accum_steps == 256  # one node: DP 1
     with pytest.raises(Exception, match="tensor_parallel_degree=8"):
-        derive(config, 12)
+        resolve(config, 12, 128256)

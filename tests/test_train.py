@@ -10,8 +10,7 @@ from titanlite.config import Model as ModelConfig
 from titanlite.config import load_config
 from titanlite.loss import IGNORE_INDEX
 from titanlite.model import build_model
-from titanlite.train import count_valid_tokens, train, train_step
-from titanlite.parallelize import ParallelDims
+from titanlite.train import train, train_step
 
 
 class GradientRecorder(torch.optim.SGD):
@@ -43,9 +42,9 @@ def test_accumulated_micro_batches_equal_one_large_batch():
     reference_norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in reference.parameters()))
 
     micro_batches = [{"input_ids": tokens[i:i + 2], "labels": labels[i:i + 2]} for i in range(0, 8, 2)]
-    dims = ParallelDims(1, 1, 1, 1)
+    valid_tokens = (labels != IGNORE_INDEX).sum().float()
     optimizer = GradientRecorder(model)
-    result = train_step(model, optimizer, micro_batches, count_valid_tokens(micro_batches, dims),
+    result = train_step(model, optimizer, micro_batches, valid_tokens,
                         grad_clip=0.0, autocast=torch.autocast("cpu", enabled=False))
     torch.testing.assert_close(result["loss"], loss.detach(), rtol=1e-5, atol=0)
     torch.testing.assert_close(result["grad_norm"].double(), reference_norm, rtol=1e-5, atol=0)
@@ -57,7 +56,7 @@ def test_accumulated_micro_batches_equal_one_large_batch():
     # (torch's coefficient max_norm / (norm + 1e-6) is 0.5 to ~1e-6 relative at this norm).
     max_norm = 0.5 * reference_norm.item()
     assert max_norm > 1e-3  # far above the 1e-6 in the coefficient
-    result = train_step(model, optimizer, micro_batches, count_valid_tokens(micro_batches, dims),
+    result = train_step(model, optimizer, micro_batches, valid_tokens,
                         grad_clip=max_norm, autocast=torch.autocast("cpu", enabled=False))
     torch.testing.assert_close(result["grad_norm"].double(), reference_norm, rtol=1e-5, atol=0)  # before clipping
     for name, p in reference.named_parameters():

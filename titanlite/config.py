@@ -1,16 +1,25 @@
-"""Configuration: nested dataclasses <- TOML file <- dotted command-line overrides.
+"""Configuration: nested dataclasses <- TOML file <- dotted command-line overrides, then `resolve()`.
 
-Precedence is defaults < TOML < CLI (`--training.steps 20`). Every error in a config is a
-`ConfigError` whose message names the key, the value and what is allowed; `main()` entry
-points print it on one line and exit with status 2.
+Every field is declared once, with `setting(default, help, choices=..., ge=..., gt=..., le=...)`:
+its type (the annotation), default, allowed values or bounds and help text. Validation, `--help`
+and the README's reference table are all generated from those declarations.
 
-Derived values (data-parallel degree, gradient-accumulation steps, total and warmup steps)
-are computed here, in `derive()`, and nowhere else.
+Precedence is defaults < TOML < CLI (`--training.steps 20`; `--compile.enable` alone means true).
+Every error is a `ConfigError` whose message names the key, the value and what is allowed; the
+entry points print it on one line and exit with status 2. This module imports no torch, so a
+config can be checked in a fraction of a second before any process starts.
+
+`resolve()` turns the loaded config into a `Run`: the world size, mesh shape, accumulation,
+steps, warmup, vocabulary size, attention head dim and dtype, computed once. The loaded config
+is never changed: `Run.config` is a copy whose model fields are all concrete, and it is what the
+run folder's config.json and every checkpoint record.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import difflib
 import json
 import math
 import os
@@ -31,168 +40,184 @@ class ConfigError(ValueError):
     """A config value that cannot be used; the message is one line meant for a person."""
 
 
+def setting(default, help: str, *, choices: tuple | None = None, ge: float | None = None,
+            gt: float | None = None, le: float | None = None):
+    """A config field: default, one-line help, and the allowed values (choices) or bounds."""
+    return field(default=default, metadata={"help": help, "choices": choices, "ge": ge, "gt": gt, "le": le})
+
+
 @dataclass
 class Job:
-    dump_folder: str = "./outputs/run"  # the run's output folder: logs, metrics, checkpoints
-    description: str = ""  # free text, copied into the metrics stream
+    dump_folder: str = setting("./outputs/run", "the run's output folder: logs, metrics, checkpoints")
+    description: str = setting("", "free text, copied into the metrics stream")
 
 
 @dataclass
 class Model:
-    dim: int = 256  # hidden size d_model
-    n_layers: int = 4  # transformer blocks
-    n_heads: int = 8  # query heads
-    n_kv_heads: int = 4  # key/value heads (GQA); must divide n_heads
-    intermediate_size: int = 704  # SwiGLU hidden size, stated explicitly (SPEC: no rounding rule)
-    vocab_size: int = 0  # 0 = the tokenizer's vocabulary padded to tokenizer.vocab_multiple
-    norm_eps: float = 1e-5  # RMSNorm epsilon
-    rope_theta: float = 10000.0  # RoPE base
-    rope_scaling: str = "none"  # none | yarn
-    rope_scaling_factor: float = 1.0  # YaRN: target context / original context
-    rope_original_max_position: int = 4096  # YaRN: context the base RoPE was designed for
-    rope_beta_fast: float = 32.0  # YaRN ramp: rotations above this are not interpolated
-    rope_beta_slow: float = 1.0  # YaRN ramp: rotations below this are fully interpolated
-    attention: str = "sdpa"  # sdpa (causal, crosses documents) | flex (FlexAttention document mask)
-    positions: str = "sequence"  # RoPE positions: sequence (0..seq_len-1) | document (restart per document)
-    init_std: float = 0.02  # std of the input projections; output projections are depth-scaled
-    attention_head_dim_padding: str = "auto"  # auto | none | N: zero-pad head_dim to N for a fast SDPA kernel
+    dim: int = setting(256, "hidden size d_model", gt=0)
+    n_layers: int = setting(4, "transformer blocks", gt=0)
+    n_heads: int = setting(8, "query heads", gt=0)
+    n_kv_heads: int = setting(4, "key/value heads (GQA); must divide n_heads", gt=0)
+    intermediate_size: int = setting(704, "SwiGLU hidden size, stated explicitly (no rounding rule)", gt=0)
+    vocab_size: int = setting(0, "0 = the tokenizer's vocabulary padded to tokenizer.vocab_multiple", ge=0)
+    norm_eps: float = setting(1e-5, "RMSNorm epsilon", gt=0)
+    rope_theta: float = setting(10000.0, "RoPE base", gt=0)
+    rope_scaling: str = setting("none", "RoPE scaling for a longer context", choices=("none", "yarn"))
+    rope_scaling_factor: float = setting(1.0, "YaRN: target context / original context", ge=1)
+    rope_original_max_position: int = setting(4096, "YaRN: context the base RoPE was designed for", gt=0)
+    rope_beta_fast: float = setting(32.0, "YaRN ramp: rotations above this are not interpolated", gt=0)
+    rope_beta_slow: float = setting(1.0, "YaRN ramp: rotations below this are fully interpolated", gt=0)
+    attention: str = setting("sdpa", "sdpa: causal, crosses documents; flex: FlexAttention document mask",
+                             choices=("sdpa", "flex"))
+    positions: str = setting("sequence", "RoPE positions: 0..seq_len-1, or restarting at each document",
+                             choices=("sequence", "document"))
+    init_std: float = setting(0.02, "std of the input projections; output projections are depth-scaled", ge=0)
+    attention_head_dim: int = setting(0, "head dim the attention kernel runs at (q, k, v zero-padded): 0 = auto, "
+                                         "the fastest kernel found at start-up; else >= dim / n_heads", ge=0)
 
 
 @dataclass
 class Tokenizer:
-    path: str = "default"  # default | tiktoken:<encoding name> | path to a tiktoken BPE file
-    vocab_multiple: int = 128  # pad the model vocabulary up to a multiple of this
+    path: str = setting("default", "default | tiktoken:<encoding name> | path to a tiktoken BPE file")
+    vocab_multiple: int = setting(128, "pad the model vocabulary up to a multiple of this", gt=0)
 
 
 @dataclass
 class Data:
-    source: str = "default"  # default (generated corpus) | path to prepared shards
-    num_workers: int = 0  # DataLoader worker processes per rank
-    pin_memory: bool = True  # page-locked host batches for async host-to-device copies
-    prefetch_factor: int = 2  # batches prefetched per worker (only with num_workers > 0)
-    shuffle: bool = True  # shuffle rows by seed; each epoch reshuffles
-    default_num_documents: int = 20000  # size of the generated default corpus
-    loss_across_documents: bool = False  # also train the prediction of a document's first token from the EOS before it
-    skip_bad_documents: bool = False  # raw sources: count and skip empty/invalid documents instead of stopping
-    text_field: str = "text"  # raw sources: the column holding the text
+    source: str = setting("default", "default (generated corpus) | path to prepared shards | raw text")
+    num_workers: int = setting(0, "DataLoader worker processes per rank", ge=0)
+    pin_memory: bool = setting(True, "page-locked host batches for async host-to-device copies")
+    prefetch_factor: int = setting(2, "batches prefetched per worker (only with num_workers > 0)", gt=0)
+    shuffle: bool = setting(True, "shuffle rows by seed; each epoch reshuffles")
+    default_num_documents: int = setting(20000, "size of the generated default corpus", gt=0)
+    loss_across_documents: bool = setting(False, "also train the prediction of a document's first token "
+                                                 "from the EOS before it")
+    skip_bad_documents: bool = setting(False, "raw sources: count and skip empty/invalid documents")
+    text_field: str = setting("text", "raw sources: the column holding the text")
 
 
 @dataclass
 class Optimizer:
-    name: str = "adamw"  # adamw
-    lr: float = 3e-4  # peak learning rate
-    beta1: float = 0.9  # AdamW beta1
-    beta2: float = 0.95  # AdamW beta2
-    eps: float = 1e-8  # AdamW epsilon
-    weight_decay: float = 0.1  # decoupled weight decay (not on norms)
-    implementation: str = "auto"  # auto | fused | foreach | for-loop
+    name: str = setting("adamw", "the optimizer", choices=("adamw",))
+    lr: float = setting(3e-4, "peak learning rate", gt=0)
+    beta1: float = setting(0.9, "AdamW beta1", ge=0, le=1)
+    beta2: float = setting(0.95, "AdamW beta2", ge=0, le=1)
+    eps: float = setting(1e-8, "AdamW epsilon", ge=0)
+    weight_decay: float = setting(0.1, "decoupled weight decay (not on norms)", ge=0)
+    implementation: str = setting("auto", "auto: fused on CUDA, foreach on CPU",
+                                  choices=("auto", "fused", "foreach", "for-loop"))
 
 
 @dataclass
 class LRSchedule:
-    warmup_tokens: int = 0  # linear warmup from 0 to the peak LR over this many tokens
-    decay: str = "cosine"  # cosine | linear | constant, from the peak to min_lr_ratio * lr
-    min_lr_ratio: float = 0.1  # final LR as a fraction of the peak
+    warmup_tokens: int = setting(0, "linear warmup from 0 to the peak LR over this many tokens", ge=0)
+    decay: str = setting("cosine", "from the peak to min_lr_ratio * lr", choices=("cosine", "linear", "constant"))
+    min_lr_ratio: float = setting(0.1, "final LR as a fraction of the peak", ge=0, le=1)
 
 
 @dataclass
 class Training:
-    seed: int = 0  # seed for init, data order and dropout-free RNG
-    seq_len: int = 256  # tokens per sequence
-    global_batch_tokens: int = 8192  # tokens per optimizer step, over all data-parallel ranks
-    micro_batch_size: int = 4  # sequences per forward pass on one rank
-    total_tokens: int = 0  # training budget in tokens; total steps derive from it
-    steps: int = 0  # if > 0, overrides the steps derived from total_tokens
-    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
-    mixed_precision: str = "bf16"  # bf16 | fp32 (bf16 applies on CUDA only)
-    device: str = "auto"  # auto | cpu | cuda
+    seed: int = setting(0, "seed for init and data order")
+    seq_len: int = setting(256, "tokens per sequence", gt=0)
+    global_batch_tokens: int = setting(8192, "tokens per optimizer step, over all data-parallel ranks", gt=0)
+    micro_batch_size: int = setting(4, "sequences per forward pass on one rank", gt=0)
+    total_tokens: int = setting(0, "training budget in tokens; total steps derive from it", ge=0)
+    steps: int = setting(0, "if > 0, overrides the steps derived from total_tokens", ge=0)
+    grad_clip: float = setting(1.0, "max global grad norm; 0 disables clipping", ge=0)
+    mixed_precision: str = setting("bf16", "bf16 applies on CUDA only", choices=("bf16", "fp32"))
+    device: str = setting("auto", "auto: CUDA if visible", choices=("auto", "cpu", "cuda"))
 
 
 @dataclass
 class Parallelism:
-    data_parallel_replicate_degree: int = 1  # HSDP replicas
-    data_parallel_shard_degree: int = -1  # FSDP shards; -1 = whatever the world size leaves
-    tensor_parallel_degree: int = 1  # tensor-parallel group size (inside a node)
-    fsdp_reshard_after_forward: str = "default"  # default | always | never
-    fsdp_cpu_offload: bool = False  # keep sharded params, grads and optimizer state on the CPU
+    data_parallel_replicate_degree: int = setting(1, "HSDP replicas", gt=0)
+    data_parallel_shard_degree: int = setting(-1, "FSDP shards; -1 = whatever the world size leaves", ge=-1)
+    tensor_parallel_degree: int = setting(1, "tensor-parallel group size (inside a node)", gt=0)
+    fsdp_reshard_after_forward: str = setting("default", "default: all but the output head",
+                                              choices=("default", "always", "never"))
+    fsdp_cpu_offload: bool = setting(False, "keep sharded params, grads and optimizer state on the CPU")
 
 
 @dataclass
 class ActivationCheckpoint:
-    mode: str = "none"  # none | full | selective
-    selective_option: str = "op"  # "op" (save matmuls and attention) or an int k: every k-th block
+    mode: str = setting("none", "what the backward recomputes", choices=("none", "full", "selective"))
+    selective_blocks: int = setting(0, "selective: 0 = per op (keep matmul and attention outputs, recompute the "
+                                       "rest); k = recompute every k-th block whole", ge=0)
 
 
 @dataclass
 class Compile:
-    enable: bool = False  # torch.compile each transformer block and the loss
+    enable: bool = setting(False, "torch.compile each transformer block and the loss")
 
 
 @dataclass
 class Checkpoint:
-    enable: bool = False  # save checkpoints
-    folder: str = "checkpoint"  # relative to job.dump_folder
-    interval: int = 500  # steps between saves (the last step is always saved)
-    keep_latest_k: int = 0  # retention; 0 keeps all (the newest complete one is never deleted)
-    resume: str = "auto"  # auto (newest complete in folder) | never | path to a checkpoint
-    async_mode: str = "disabled"  # disabled | async (staged in pinned host memory, written while training)
-    write_threads: int = 8  # files each rank writes (and reads on load) in parallel
-    initial_load_path: str = ""  # with nothing to resume: start from this checkpoint (seed, HF import)
-    initial_load_model_only: bool = True  # take only the weights from initial_load_path (step 0)
+    enable: bool = setting(False, "save checkpoints")
+    folder: str = setting("checkpoint", "relative to job.dump_folder")
+    interval: int = setting(500, "steps between saves (the last step is always saved)", gt=0)
+    keep_latest_k: int = setting(0, "retention; 0 keeps all (the newest complete one is never deleted)", ge=0)
+    resume: str = setting("auto", "auto (newest complete in folder) | never | path to a checkpoint")
+    async_mode: str = setting("disabled", "async: staged in pinned host memory, written while training",
+                              choices=("disabled", "async"))
+    write_threads: int = setting(8, "files each rank writes (and reads on load) in parallel", gt=0)
+    initial_load_path: str = setting("", "with nothing to resume: start from this checkpoint (seed, HF import)")
+    initial_load_model_only: bool = setting(True, "take only the weights from initial_load_path (step 0)")
 
 
 @dataclass
 class Metrics:
-    log_freq: int = 10  # steps between log lines (each one costs a host sync)
-    enable_tensorboard: bool = True  # write TensorBoard event files
-    enable_jsonl: bool = True  # write metrics.jsonl in the dump folder
-    peak_flops: float = 0.0  # peak dense bf16 FLOP/s per device for MFU; 0 = by device name
-    data_wait_warn_fraction: float = 0.05  # warn when the loader takes more of a step than this
+    log_freq: int = setting(10, "steps between log lines (each one costs a host sync)", gt=0)
+    enable_tensorboard: bool = setting(True, "write TensorBoard event files")
+    enable_jsonl: bool = setting(True, "write metrics.jsonl in the dump folder")
+    peak_flops: float = setting(0.0, "peak dense bf16 FLOP/s per device for MFU; 0 = by device name", ge=0)
+    data_wait_warn_fraction: float = setting(0.05, "warn when the loader takes more of a step than this", ge=0, le=1)
 
 
 @dataclass
 class Health:
     """Training-health detectors and their actions (titanlite/health.py). Windows count steps."""
 
-    enable: bool = True  # run the detectors and their actions
-    skip_nonfinite_steps: bool = True  # skip (on device) optimizer steps whose grad norm is inf/NaN
-    spike_window: int = 128  # recent normal steps the spike trend is fitted on
-    spike_min_history: int = 64  # steps of history before spikes are judged
-    spike_sigma: float = 6.0  # spike: log(loss) this many robust sigmas above the log-log trend
-    spike_sigma_early: float = 5.0  # the same within early_steps (the recipe: early spikes matter most)
-    spike_min_ratio: float = 1.1  # and loss at least this multiple of the trend
-    early_steps: int = 1000  # the early phase of the recipe's "first ~1k steps"
-    fault_ratio: float = 10.0  # loss >= this x the largest of the first 100 steps: a hardware or data fault
-    plateau_window: int = 5000  # the plateau fit spans at least this many steps...
-    plateau_window_fraction: float = 0.25  # ...and at least this fraction of the steps done
-    plateau_slope: float = 0.01  # plateau: loss falls less than this per e-fold (x2.718) of steps
-    divergence_window: int = 100  # steps of the sustained-rise median and of the overflow count
-    divergence_rise: float = 0.25  # diverged: that median this fraction above its best
-    max_overflow_steps: int = 5  # diverged: more skipped (non-finite gradient) steps than this in the window
-    grad_norm_factor: float = 10.0  # grad-norm watch: pre-clip norm above this x grad_clip...
-    grad_norm_fraction: float = 0.5  # ...on more than this fraction of the window, after warmup
-    grad_norm_window: int = 100  # steps of the grad-norm watch
-    spike_action: str = "capture"  # log | capture (write the batch to spikes/) | stop | rollback
-    plateau_action: str = "log"  # log | stop
-    divergence_action: str = "rollback"  # log | capture | stop | rollback
-    grad_norm_action: str = "log"  # log | stop | rollback
-    rollback_lr_factor: float = 0.5  # each rollback multiplies the LR by this (the recipe: halve it)
-    rollback_skip_data: bool = True  # after a rollback, skip the batches between the checkpoint and the failure
-    max_rollbacks: int = 3  # then stop
-    inject_nan_at_step: int = 0  # TESTING AID ONLY: make the loss NaN once at this step (0 = off)
+    enable: bool = setting(True, "run the detectors and their actions")
+    skip_nonfinite_steps: bool = setting(True, "skip (on device) optimizer steps whose grad norm is inf/NaN")
+    spike_window: int = setting(128, "recent normal steps the spike trend is fitted on", gt=0)
+    spike_min_history: int = setting(64, "steps of history before spikes are judged", gt=0)
+    spike_sigma: float = setting(6.0, "spike: log(loss) this many robust sigmas above the log-log trend", gt=0)
+    spike_sigma_early: float = setting(5.0, "the same within early_steps (early spikes matter most)", gt=0)
+    spike_min_ratio: float = setting(1.1, "and loss at least this multiple of the trend", gt=0)
+    early_steps: int = setting(1000, "the early phase of the recipe's 'first ~1k steps'", ge=0)
+    fault_ratio: float = setting(10.0, "loss >= this x the largest of the first 100 steps: a fault", gt=0)
+    plateau_window: int = setting(5000, "the plateau fit spans at least this many steps...", gt=0)
+    plateau_window_fraction: float = setting(0.25, "...and at least this fraction of the steps done", ge=0, le=1)
+    plateau_slope: float = setting(0.01, "plateau: loss falls less than this per e-fold of steps", gt=0)
+    divergence_window: int = setting(100, "steps of the sustained-rise median and of the overflow count", gt=0)
+    divergence_rise: float = setting(0.25, "diverged: that median this fraction above its best", gt=0)
+    max_overflow_steps: int = setting(5, "diverged: more skipped (non-finite) steps than this in the window", ge=0)
+    grad_norm_factor: float = setting(10.0, "grad-norm watch: pre-clip norm above this x grad_clip...", gt=0)
+    grad_norm_fraction: float = setting(0.5, "...on more than this fraction of the window, after warmup", ge=0, le=1)
+    grad_norm_window: int = setting(100, "steps of the grad-norm watch", gt=0)
+    spike_action: str = setting("capture", "capture writes the batch to spikes/",
+                                choices=("log", "capture", "stop", "rollback"))
+    plateau_action: str = setting("log", "what a plateau does", choices=("log", "stop"))
+    divergence_action: str = setting("rollback", "what a divergence does", choices=("log", "capture", "stop", "rollback"))
+    grad_norm_action: str = setting("log", "what the grad-norm watch does", choices=("log", "stop", "rollback"))
+    rollback_lr_factor: float = setting(0.5, "each rollback multiplies the LR by this (the recipe: halve it)",
+                                        gt=0, le=1)
+    rollback_skip_data: bool = setting(True, "after a rollback, skip the batches up to the failure")
+    max_rollbacks: int = setting(3, "then stop", ge=0)
+    inject_nan_at_step: int = setting(0, "TESTING AID ONLY: make the loss NaN once at this step (0 = off)", ge=0)
 
 
 @dataclass
 class Profiling:
     """PyTorch profiler traces and CUDA memory snapshots (titanlite/profiling.py)."""
 
-    enable_profiling: bool = False  # write Chrome traces per rank to <run>/profile_traces/
-    profile_freq: int = 100  # one profiled window every this many steps
-    profile_warmup: int = 3  # profiler warm-up steps inside each window (not recorded)
-    profile_active: int = 2  # recorded steps per window
-    record_memory_history: bool = False  # record allocation stacks for memory snapshots (slows allocation)
-    memory_snapshot_step: int = 0  # write a memory snapshot after this step (0 = never); also on demand:
-    # `touch <run>/dump_memory_snapshot` and the next log step writes one
+    enable_profiling: bool = setting(False, "write Chrome traces per rank to <run>/profile_traces/")
+    profile_freq: int = setting(100, "one profiled window every this many steps", gt=0)
+    profile_warmup: int = setting(3, "profiler warm-up steps inside each window (not recorded)", ge=0)
+    profile_active: int = setting(2, "recorded steps per window", gt=0)
+    record_memory_history: bool = setting(False, "record allocation stacks for memory snapshots (slower)")
+    memory_snapshot_step: int = setting(0, "write a memory snapshot after this step (0 = never; also on "
+                                           "demand: touch <run>/dump_memory_snapshot)", ge=0)
 
 
 @dataclass
@@ -216,25 +241,41 @@ class Config:
         return dataclasses.asdict(self)
 
 
-# Allowed values for the string options; validate() rejects anything else.
-CHOICES = {
-    "model.rope_scaling": ("none", "yarn"),
-    "model.attention": ("sdpa", "flex"),
-    "model.positions": ("sequence", "document"),
-    "data.source": None,  # free path
-    "optimizer.name": ("adamw",),
-    "optimizer.implementation": ("auto", "fused", "foreach", "for-loop"),
-    "lr_schedule.decay": ("cosine", "linear", "constant"),
-    "training.mixed_precision": ("bf16", "fp32"),
-    "training.device": ("auto", "cpu", "cuda"),
-    "parallelism.fsdp_reshard_after_forward": ("default", "always", "never"),
-    "activation_checkpoint.mode": ("none", "full", "selective"),
-    "checkpoint.async_mode": ("disabled", "async"),
-    "health.spike_action": ("log", "capture", "stop", "rollback"),
-    "health.plateau_action": ("log", "stop"),
-    "health.divergence_action": ("log", "capture", "stop", "rollback"),
-    "health.grad_norm_action": ("log", "stop", "rollback"),
+def declared_fields():
+    """(dotted key, dataclasses.Field, type) of every setting, in declaration order."""
+    for section in dataclasses.fields(Config):
+        types = get_type_hints(section.default_factory)
+        for item in dataclasses.fields(section.default_factory):
+            yield f"{section.name}.{item.name}", item, types[item.name]
+
+
+# Keys a torchtitan or Megatron user may reach for first, with where the setting lives here.
+FAMILIAR_KEYS = {
+    "training.local_batch_size": "training.micro_batch_size",
+    "training.global_batch_size": "training.global_batch_tokens (tokens, not sequences)",
+    "training.max_norm": "training.grad_clip",
+    "training.dataset": "data.source",
+    "lr_scheduler.warmup_steps": "lr_schedule.warmup_tokens (tokens, not steps)",
+    "lr_scheduler.decay_type": "lr_schedule.decay",
+    "lr_scheduler.min_lr_factor": "lr_schedule.min_lr_ratio",
+    "job.config_file": "--config FILE",
+    "model.flavor": "the model fields of [model] (or a recipe: --config 7b_4k)",
+    "activation_checkpoint.selective_ac_option": "activation_checkpoint.selective_blocks (0 = per op)",
+    "parallelism.data_parallel_shard_degree": "parallelism.data_parallel_shard_degree",
 }
+
+
+def _unknown_key(dotted: str) -> ConfigError:
+    known = [key for key, _, _ in declared_fields()]
+    hint = FAMILIAR_KEYS.get(dotted) or next(iter(difflib.get_close_matches(dotted, known, n=1, cutoff=0.75)), None)
+    section = dotted.partition(".")[0]
+    sections = sorted({key.partition(".")[0] for key in known})
+    if hint:
+        return ConfigError(f"unknown key {dotted!r}: did you mean {hint}?")
+    if section not in sections:
+        return ConfigError(f"unknown config section {section!r}: valid sections are {sections}")
+    keys = sorted(key.partition(".")[2] for key in known if key.startswith(section + "."))
+    return ConfigError(f"unknown key {dotted!r}: valid keys in [{section}] are {keys}")
 
 
 def _convert(key: str, raw: Any, target: type, from_cli: bool) -> Any:
@@ -246,10 +287,10 @@ def _convert(key: str, raw: Any, target: type, from_cli: bool) -> Any:
                 if text.lower() not in ("true", "false", "1", "0"):
                     raise ValueError
                 return text.lower() in ("true", "1")
-            if target is int:
-                return int(float(text)) if _is_integral(text) else int(text)
-            if target is float:
-                return float(text)
+            if target is int:  # "1e9" and "4096.0" are whole numbers; "1.5" is not
+                return int(float(text)) if any(c in text.lower() for c in ".e") and float(text).is_integer() \
+                    else int(text)
+            return float(text)
         except ValueError:
             raise ConfigError(f"{key}={raw!r}: expected {target.__name__}") from None
     if target is float and isinstance(raw, int) and not isinstance(raw, bool):
@@ -261,22 +302,12 @@ def _convert(key: str, raw: Any, target: type, from_cli: bool) -> Any:
     return raw
 
 
-def _is_integral(text: str) -> bool:
-    try:
-        return float(text).is_integer() and ("e" in text.lower() or "." in text)
-    except ValueError:
-        return False
-
-
 def _set(config: Config, dotted: str, raw: Any, from_cli: bool = False) -> None:
     section_name, _, key = dotted.partition(".")
-    sections = {f.name for f in dataclasses.fields(Config)}
-    if section_name not in sections or not key:
-        raise ConfigError(f"unknown config section {section_name!r}: valid sections are {sorted(sections)}")
-    section = getattr(config, section_name)
-    types = get_type_hints(type(section))
+    section = getattr(config, section_name, None) if key else None
+    types = get_type_hints(type(section)) if dataclasses.is_dataclass(section) else {}
     if key not in types:
-        raise ConfigError(f"unknown key {dotted!r}: valid keys in [{section_name}] are {sorted(types)}")
+        raise _unknown_key(dotted)
     setattr(section, key, _convert(dotted, raw, types[key], from_cli))
 
 
@@ -290,7 +321,7 @@ def resolve_config_path(name_or_path: str) -> Path:
 
 
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults, then the TOML file at `path` (if any), then `--section.key value` overrides."""
+    """Defaults, then the TOML file at `path` (if any), then `--section.key value` overrides; validated."""
     config = Config()
     if path:
         toml_path = resolve_config_path(path)
@@ -303,14 +334,17 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
                 raise ConfigError(f"{toml_path}: top-level key {section!r} must be a [section] table")
             for key, value in values.items():
                 _set(config, f"{section}.{key}", value)
-    for dotted, value in _pairs(overrides or []):
+    for dotted, value in parse_overrides(overrides or []):
         _set(config, dotted, value, from_cli=True)
     validate(config)
     return config
 
 
-def _pairs(overrides: list[str]) -> list[tuple[str, str]]:
-    """['--a.b', '1', '--c.d=2'] -> [('a.b', '1'), ('c.d', '2')]."""
+def parse_overrides(overrides: list[str]) -> list[tuple[str, str]]:
+    """['--a.b', '1', '--c.d=2', '--e.f'] -> [('a.b', '1'), ('c.d', '2'), ('e.f', 'true')].
+
+    A flag with no value (the last argument, or followed by another --flag) is a boolean set to true.
+    """
     pairs, index = [], 0
     while index < len(overrides):
         flag = overrides[index]
@@ -319,92 +353,53 @@ def _pairs(overrides: list[str]) -> list[tuple[str, str]]:
         if "=" in flag:
             dotted, value = flag[2:].split("=", 1)
             index += 1
-        elif index + 1 < len(overrides):
+        elif index + 1 < len(overrides) and not overrides[index + 1].startswith("--"):
             dotted, value = flag[2:], overrides[index + 1]
             index += 2
         else:
-            raise ConfigError(f"override {flag} has no value")
+            dotted, value = flag[2:], None
+            index += 1
+        if value is None:
+            kind = next((kind for key, _, kind in declared_fields() if key == dotted), None)
+            if kind is not bool:
+                raise ConfigError(f"override {flag} has no value" if kind else str(_unknown_key(dotted)))
+            value = "true"
         pairs.append((dotted, value))
     return pairs
 
 
 def validate(config: Config) -> None:
     """Reject values that cannot work, before any process group or model exists."""
-    for dotted, allowed in CHOICES.items():
+    for dotted, item, kind in declared_fields():
         section, key = dotted.split(".")
-        value = getattr(getattr(config, section), key)
-        if allowed is not None and value not in allowed:
-            raise ConfigError(f"{dotted}={value!r}: allowed values are {list(allowed)}")
-    positive = [
-        "model.dim", "model.n_layers", "model.n_heads", "model.n_kv_heads", "model.intermediate_size",
-        "training.seq_len", "training.global_batch_tokens", "training.micro_batch_size",
-        "optimizer.lr", "metrics.log_freq", "checkpoint.interval", "tokenizer.vocab_multiple",
-        "parallelism.tensor_parallel_degree", "parallelism.data_parallel_replicate_degree",
-        "model.rope_theta", "model.norm_eps", "data.prefetch_factor", "checkpoint.write_threads",
-    ]
-    non_negative = [
-        "training.total_tokens", "training.steps", "training.grad_clip", "optimizer.weight_decay",
-        "optimizer.eps", "lr_schedule.warmup_tokens", "model.vocab_size", "data.num_workers",
-        "checkpoint.keep_latest_k", "metrics.peak_flops", "model.init_std",
-    ]
-    for dotted in positive + non_negative:
-        section, key = dotted.split(".")
-        value = getattr(getattr(config, section), key)
-        if value < 0 or (dotted in positive and value == 0):
-            bound = "> 0" if dotted in positive else ">= 0"
-            raise ConfigError(f"{dotted}={value}: must be {bound}")
-    for dotted in ("optimizer.beta1", "optimizer.beta2", "lr_schedule.min_lr_ratio"):
-        section, key = dotted.split(".")
-        value = getattr(getattr(config, section), key)
-        if not 0.0 <= value <= 1.0:
-            raise ConfigError(f"{dotted}={value}: must be in [0, 1]")
+        value, rules = getattr(getattr(config, section), key), item.metadata
+        if kind is float and not math.isfinite(value):
+            raise ConfigError(f"{dotted}={value}: must be a finite number")
+        if rules["choices"] is not None and value not in rules["choices"]:
+            raise ConfigError(f"{dotted}={value!r}: allowed values are {list(rules['choices'])}")
+        for bound, fails, words in (("gt", lambda v, b: v <= b, "> {}"), ("ge", lambda v, b: v < b, ">= {}"),
+                                    ("le", lambda v, b: v > b, "<= {}")):
+            if rules[bound] is not None and fails(value, rules[bound]):
+                raise ConfigError(f"{dotted}={value}: must be {words.format(rules[bound])}")
     model = config.model
+    head_dim = model.dim // model.n_heads
     if model.dim % model.n_heads:
         raise ConfigError(f"model.dim={model.dim}: must be divisible by model.n_heads={model.n_heads}")
-    if (model.dim // model.n_heads) % 2:
-        raise ConfigError(f"model.dim/model.n_heads={model.dim // model.n_heads}: RoPE needs an even head dim")
+    if head_dim % 2:
+        raise ConfigError(f"model.dim/model.n_heads={head_dim}: RoPE needs an even head dim")
     if model.n_heads % model.n_kv_heads:
         raise ConfigError(f"model.n_kv_heads={model.n_kv_heads}: must divide model.n_heads={model.n_heads}")
+    if 0 < model.attention_head_dim < head_dim:
+        raise ConfigError(f"model.attention_head_dim={model.attention_head_dim}: must be 0 (auto) or >= the head "
+                          f"dim {head_dim}")
     _validate_tensor_parallel(config)
-    padding = model.attention_head_dim_padding
-    if padding not in ("auto", "none") and not (padding.isdigit() and int(padding) >= model.dim // model.n_heads):
-        raise ConfigError(f"model.attention_head_dim_padding={padding!r}: allowed are auto, none or an int >= "
-                          f"head_dim {model.dim // model.n_heads}")
-    if model.rope_scaling == "yarn" and model.rope_scaling_factor < 1.0:
-        raise ConfigError(f"model.rope_scaling_factor={model.rope_scaling_factor}: YaRN needs >= 1")
-    if config.parallelism.data_parallel_shard_degree == 0 or config.parallelism.data_parallel_shard_degree < -1:
-        raise ConfigError(
-            f"parallelism.data_parallel_shard_degree={config.parallelism.data_parallel_shard_degree}: "
-            "must be -1 (use the rest of the world) or >= 1")
-    option = config.activation_checkpoint.selective_option
-    if option != "op" and not (option.isdigit() and int(option) >= 1):
-        raise ConfigError(f"activation_checkpoint.selective_option={option!r}: allowed are 'op' or an int >= 1")
-    if config.training.total_tokens == 0 and config.training.steps == 0:
-        raise ConfigError("training.total_tokens=0 and training.steps=0: set one of them")
-    _validate_health(config.health, config.profiling)
-
-
-def _validate_health(health: Health, profiling: Profiling) -> None:
-    positive = ["spike_window", "spike_min_history", "spike_sigma", "spike_sigma_early", "spike_min_ratio",
-                "fault_ratio", "plateau_window", "plateau_slope", "divergence_window", "divergence_rise",
-                "grad_norm_factor", "grad_norm_window", "rollback_lr_factor"]
-    for key in positive:
-        if getattr(health, key) <= 0:
-            raise ConfigError(f"health.{key}={getattr(health, key)}: must be > 0")
-    for key in ("early_steps", "max_overflow_steps", "max_rollbacks", "inject_nan_at_step"):
-        if getattr(health, key) < 0:
-            raise ConfigError(f"health.{key}={getattr(health, key)}: must be >= 0")
-    for key in ("plateau_window_fraction", "grad_norm_fraction", "rollback_lr_factor"):
-        if not 0.0 <= getattr(health, key) <= 1.0:
-            raise ConfigError(f"health.{key}={getattr(health, key)}: must be in [0, 1]")
+    health, profiling = config.health, config.profiling
     if health.spike_min_history > health.spike_window:
         raise ConfigError(f"health.spike_min_history={health.spike_min_history}: must be <= health.spike_window="
                           f"{health.spike_window}")
-    if profiling.profile_freq <= profiling.profile_warmup + profiling.profile_active or profiling.profile_active < 1:
+    if profiling.profile_freq <= profiling.profile_warmup + profiling.profile_active:
         raise ConfigError(f"profiling.profile_freq={profiling.profile_freq}: must exceed profile_warmup "
-                          f"{profiling.profile_warmup} + profile_active {profiling.profile_active} (and active >= 1)")
-    if profiling.profile_warmup < 0 or profiling.memory_snapshot_step < 0:
-        raise ConfigError("profiling.profile_warmup and profiling.memory_snapshot_step must be >= 0")
+                          f"{profiling.profile_warmup} + profile_active {profiling.profile_active}")
 
 
 def _validate_tensor_parallel(config: Config) -> None:
@@ -422,11 +417,20 @@ def _validate_tensor_parallel(config: Config) -> None:
                               f"use a TP degree that divides {value}")
 
 
-@dataclass(frozen=True)
-class Derived:
-    """Values that follow from the config and the world size; computed once, printed at start."""
+# --- the resolved run ----------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class Run:
+    """The run as it will execute: the config with every 'auto' made concrete, and the derived values.
+
+    Computed once by `resolve()`; printed at start, written to <run>/config.json and every checkpoint.
+    """
+
+    config: Config  # a resolved copy: model.vocab_size > 0 and model.attention_head_dim >= the head dim
     world_size: int
+    replicate: int  # HSDP replicas
+    shard: int  # FSDP shards
+    tensor: int  # TP degree
     data_parallel_degree: int  # replicate x shard: ranks that read different data
     tokens_per_micro_batch: int  # per rank
     grad_accum_steps: int  # A = global_batch_tokens / (micro_batch x seq_len x DP)
@@ -434,12 +438,20 @@ class Derived:
     total_steps: int
     warmup_steps: int
     total_tokens: int  # tokens the run will consume: total_steps x tokens_per_step
+    device_type: str  # cpu | cuda
+    compute_dtype: str  # bfloat16 | float32: what matmuls and attention run in
+
+    def derived(self) -> dict[str, Any]:
+        return {key: value for key, value in dataclasses.asdict(self).items() if key != "config"}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.config.to_dict(), "derived": self.derived()}
 
 
-def data_parallel_shape(config: Config, world_size: int) -> tuple[int, int, int]:
+def data_parallel_shape(parallelism: Parallelism, world_size: int) -> tuple[int, int, int]:
     """(replicate, shard, tensor) degrees for `world_size` processes; ConfigError if they don't fit."""
-    par = config.parallelism
-    tp, replicate, shard = par.tensor_parallel_degree, par.data_parallel_replicate_degree, par.data_parallel_shard_degree
+    tp, replicate = parallelism.tensor_parallel_degree, parallelism.data_parallel_replicate_degree
+    shard = parallelism.data_parallel_shard_degree
     if shard == -1:
         if world_size % (tp * replicate):
             raise ConfigError(
@@ -455,42 +467,81 @@ def data_parallel_shape(config: Config, world_size: int) -> tuple[int, int, int]
 
 
 def steps_for_tokens(tokens: int, tokens_per_step: int) -> int:
-    """Steps that consume `tokens`, rounded to the nearest step (SPEC: 1T / 2,097,152 = 476,837;
+    """Steps that consume `tokens`, rounded to the nearest step (1T / 2,097,152 = 476,837;
     3B / 4,194,304 = 715; 2B / 2,097,152 = 954). Integer arithmetic: exact for any budget."""
     return (tokens + tokens_per_step // 2) // tokens_per_step
 
 
-def derive(config: Config, world_size: int) -> Derived:
-    replicate, shard, _ = data_parallel_shape(config, world_size)
-    dp = replicate * shard
-    train = config.training
+def compute_dtype(config: Config, device_type: str) -> str:
+    """bfloat16 on CUDA when training.mixed_precision is bf16; float32 otherwise (CPU runs are for tests)."""
+    return "bfloat16" if device_type == "cuda" and config.training.mixed_precision == "bf16" else "float32"
+
+
+def padded_vocab_size(vocab_size: int, multiple: int) -> int:
+    """`vocab_size` rounded up to a multiple (embedding rows; TP needs it divisible)."""
+    return -(-vocab_size // multiple) * multiple
+
+
+def resolve(config: Config, world_size: int, tokenizer_vocab_size: int, device_type: str = "cpu",
+            attention_head_dim: int | None = None) -> Run:
+    """Every derived value of the run, computed once; `config` itself is left unchanged.
+
+    tokenizer_vocab_size: ids the tokenizer can produce (model.vocab_size = 0 pads it to a multiple
+    of tokenizer.vocab_multiple). attention_head_dim: what the start-up kernel probe chose
+    (attention.choose_attention_head_dim); None keeps model.attention_head_dim, 0 = the true head dim.
+    """
+    replicate, shard, tensor = data_parallel_shape(config.parallelism, world_size)
+    dp, train, model = replicate * shard, config.training, config.model
     tokens_per_micro_batch = train.micro_batch_size * train.seq_len
-    per_pass = tokens_per_micro_batch * dp
-    if train.global_batch_tokens % per_pass:
+    if train.global_batch_tokens % (tokens_per_micro_batch * dp):
         raise ConfigError(
             f"training.global_batch_tokens={train.global_batch_tokens}: must be a multiple of "
             f"micro_batch_size {train.micro_batch_size} x seq_len {train.seq_len} x data-parallel degree {dp} "
-            f"= {per_pass}")
-    grad_accum_steps = train.global_batch_tokens // per_pass
+            f"= {tokens_per_micro_batch * dp}")
+    if train.total_tokens == 0 and train.steps == 0:
+        raise ConfigError("training.total_tokens=0 and training.steps=0: set one of them")
+    vocab_size = model.vocab_size or padded_vocab_size(tokenizer_vocab_size, config.tokenizer.vocab_multiple)
+    if vocab_size < tokenizer_vocab_size:
+        raise ConfigError(f"model.vocab_size={model.vocab_size} is smaller than the tokenizer's "
+                          f"{tokenizer_vocab_size} ids: set model.vocab_size=0 to derive it")
+    head_dim = attention_head_dim if attention_head_dim is not None else model.attention_head_dim
+    resolved = copy.deepcopy(config)
+    resolved.model.vocab_size = vocab_size
+    resolved.model.attention_head_dim = head_dim or model.dim // model.n_heads
+    validate(resolved)
     total_steps = train.steps or max(1, steps_for_tokens(train.total_tokens, train.global_batch_tokens))
-    warmup_steps = steps_for_tokens(config.lr_schedule.warmup_tokens, train.global_batch_tokens)
-    return Derived(
-        world_size=world_size, data_parallel_degree=dp, tokens_per_micro_batch=tokens_per_micro_batch,
-        grad_accum_steps=grad_accum_steps, tokens_per_step=train.global_batch_tokens,
-        total_steps=total_steps, warmup_steps=warmup_steps,
-        total_tokens=total_steps * train.global_batch_tokens)
+    return Run(
+        config=resolved, world_size=world_size, replicate=replicate, shard=shard, tensor=tensor,
+        data_parallel_degree=dp, tokens_per_micro_batch=tokens_per_micro_batch,
+        grad_accum_steps=train.global_batch_tokens // (tokens_per_micro_batch * dp),
+        tokens_per_step=train.global_batch_tokens, total_steps=total_steps,
+        warmup_steps=steps_for_tokens(config.lr_schedule.warmup_tokens, train.global_batch_tokens),
+        total_tokens=total_steps * train.global_batch_tokens, device_type=device_type,
+        compute_dtype=compute_dtype(config, device_type))
 
 
-def render(config: Config, derived: Derived | None) -> str:
-    """The resolved config as TOML-like text, then the derived values as comments."""
+def render(run: Run) -> str:
+    """The resolved config as TOML, then the derived values as comments."""
     lines = []
-    for section, values in config.to_dict().items():
+    for section, values in run.config.to_dict().items():
         lines.append(f"[{section}]")
         lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]
         lines.append("")
-    if derived is not None:
-        lines.append("# derived")
-        lines += [f"# {key} = {value:,}" for key, value in dataclasses.asdict(derived).items()]
+    lines.append("# derived")
+    lines += [f"# {key} = {value:,}" if isinstance(value, int) else f"# {key} = {value}"
+              for key, value in run.derived().items()]
+    return "\n".join(lines)
+
+
+def settings_help() -> str:
+    """Every setting with its type, default and help: the body of `--help`."""
+    lines, section = [], None
+    for dotted, item, kind in declared_fields():
+        if dotted.partition(".")[0] != section:
+            section = dotted.partition(".")[0]
+            lines.append(f"\n[{section}]")
+        allowed = f" ({' | '.join(map(str, item.metadata['choices']))})" if item.metadata["choices"] else ""
+        lines.append(f"  --{dotted} {kind.__name__.upper()}  default {item.default!r}{allowed}: {item.metadata['help']}")
     return "\n".join(lines)
 
 

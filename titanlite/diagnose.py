@@ -21,7 +21,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from titanlite.config import Health, steps_for_tokens
+from titanlite.config import Health
 from titanlite.health_detectors import Detectors, Event
 
 ADVICE = {
@@ -70,14 +70,12 @@ def replay_events(records: list[dict], settings: Health, grad_clip: float, warmu
 
 
 def run_settings(run: Path) -> tuple[Health, float, int, float, float]:
-    """[health], grad_clip, warmup steps, data-wait and MFU thresholds from the run's config.json."""
+    """[health], grad_clip, warmup steps, data-wait and MFU thresholds from the run's resolved config.json."""
     config = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
     known = {key: value for key, value in config.get("health", {}).items() if key in Health.__dataclass_fields__}
-    training = config.get("training", {})
-    batch = training.get("global_batch_tokens") or 1
-    warmup = steps_for_tokens(config.get("lr_schedule", {}).get("warmup_tokens", 0), batch)
+    warmup = config.get("derived", {}).get("warmup_steps", 0)
     wait = config.get("metrics", {}).get("data_wait_warn_fraction", 0.05)
-    return Health(**known), training.get("grad_clip", 1.0), warmup, wait, 30.0
+    return Health(**known), config.get("training", {}).get("grad_clip", 1.0), warmup, wait, 30.0
 
 
 def diagnose(run: Path) -> tuple[list[str], list[Event]]:

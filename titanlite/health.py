@@ -1,18 +1,16 @@
-"""Training health in the loop: skip non-finite steps, watch the loss, act on what it shows.
+"""Training health: record every step on the device, judge on check steps, return a verdict.
 
-Hot path (every step, no host sync):
-  - `guarded_optimizer_step` skips an update whose global grad norm is inf/NaN. With a fused
-    AdamW (the default on CUDA) the skip flag goes to the optimizer's `found_inf` input, the
-    device-side flag GradScaler uses: the kernel leaves weights, moments and the step count
-    untouched, and the host never waits. Foreach/for-loop AdamW cannot take that flag: they fall
-    back to a host check each step (free on CPU; on CUDA a sync per step, warned once).
-  - `HealthMonitor.record` writes the step's loss, grad norm, worst per-sample loss and skip flag
-    into small device buffers and keeps the step's host batch for capture.
-On check steps (every log step, and before every checkpoint save) `check` all-reduces those
-buffers over the data-parallel ranks and syncs them in one copy, so the detectors see every step
-and every rank reaches the same verdict. Detection latency is therefore up to metrics.log_freq
-steps (about a minute for a 7B on 64 H100s at log_freq 10); a non-finite update never lands
-meanwhile, and a checkpoint is never written before the steps it holds were checked.
+Health decides, the loop acts. Hot path (every step, no host sync): `HealthMonitor.record`
+writes the step's loss, grad norm, worst per-sample loss and skip flag into small device
+buffers and keeps the step's host batch for capture. On check steps (every log step, and before
+every checkpoint save) `check` all-reduces those buffers over the data-parallel ranks and syncs
+them in one copy, so the detectors see every step and every rank reaches the same verdict.
+`decide` logs and records each event, captures the batch of a spike or divergence, and returns a
+`Verdict`: carry on, roll back, or stop. train.py carries it out (reload, rewind the data, scale
+the LR through the schedule; or save and stop). Detection latency is therefore up to
+metrics.log_freq steps (about a minute for a 7B on 64 H100s at log_freq 10); a non-finite update
+never lands meanwhile (optim.step_unless_nonfinite skips it), and a checkpoint is never written
+before the steps it holds were checked.
 """
 
 from __future__ import annotations
@@ -26,7 +24,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from titanlite.loss import valid_tokens_per_sample
 from titanlite.health_detectors import Detectors, Event
 
 logger = logging.getLogger("titanlite")
@@ -39,40 +36,12 @@ class HealthStop(RuntimeError):
     """The health monitor stopped the run; the message says why and what to do next."""
 
 
-def full_value(tensor: torch.Tensor) -> torch.Tensor:
-    """A DTensor's full value (a scalar all-reduce, no host sync); a plain tensor as is."""
-    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+@dataclass
+class Verdict:
+    """What the loop must do after a check: action None (carry on), "rollback" or "stop", and why."""
 
-
-_warned_host_check = False
-
-
-def guarded_optimizer_step(optimizer: torch.optim.Optimizer, grad_norm: torch.Tensor,
-                           skip_nonfinite: bool = True) -> torch.Tensor:
-    """optimizer.step() unless the global grad norm is inf/NaN; returns 1.0 if skipped, else 0.0 (device).
-
-    grad_norm must be the same global norm on every rank (it is: clipping all-reduces it), so
-    all ranks skip together and FSDP shards stay consistent.
-    """
-    global _warned_host_check
-    skipped = (~torch.isfinite(full_value(grad_norm).detach())).float()
-    if not skip_nonfinite:
-        optimizer.step()
-        return skipped
-    if all(group.get("fused") for group in optimizer.param_groups):
-        optimizer.found_inf = skipped  # read by the fused kernel on device: no host sync
-        try:
-            optimizer.step()
-        finally:
-            del optimizer.found_inf
-        return skipped
-    if skipped.device.type == "cuda" and not _warned_host_check:
-        _warned_host_check = True
-        logger.warning("health: optimizer.implementation is not fused: skipping non-finite steps costs a host "
-                       "sync per step; use optimizer.implementation=fused")
-    if not skipped.item():  # host sync: every step, only for non-fused optimizers (see module docstring)
-        optimizer.step()
-    return skipped
+    action: str | None = None
+    cause: Event | None = None
 
 
 @dataclass
@@ -112,24 +81,26 @@ class HealthMonitor:
         self.injected = False
 
     # --- every step (device only)
-    def record(self, step: int, result: dict, micro_batches: list[dict], host_batches: list[dict], lr: float) -> None:
-        """Store step `step`'s numbers in device buffers; `result` is train_step's output."""
+    def record(self, step: int, result: dict, valid_tokens: torch.Tensor, host_batches: list[dict],
+               lr: float) -> None:
+        """Store step `step`'s numbers in device buffers; `result` is train_step's output and
+        `valid_tokens` (samples,) the labelled tokens of each of this rank's samples."""
         if len(self.pending) == self.capacity:
             raise RuntimeError(f"health: {self.capacity} steps recorded without a check: call check() every "
                                "metrics.log_freq steps")
         slot = len(self.pending)
-        valid = torch.cat([valid_tokens_per_sample(batch["labels"]) for batch in micro_batches])
-        sample_losses = result["sample_losses"] / valid.clamp(min=1)
-        grad_norm = full_value(result["grad_norm"]).detach().float()
+        sample_losses = result["sample_losses"] / valid_tokens.clamp(min=1)
+        grad_norm = result["grad_norm"].detach().float()
         self.losses[slot].copy_(result["loss"].detach())
-        # inf for NaN: a max all-reduce over NaN is not defined the same way on every backend.
-        self.stats[slot, 0].copy_(torch.nan_to_num(grad_norm, nan=math.inf))
-        self.stats[slot, 1].copy_(torch.nan_to_num(sample_losses.max(), nan=math.inf))
+        # inf for NaN: a max all-reduce over NaN is not defined the same way on every backend. (posinf
+        # stays inf: nan_to_num's default would turn it into 3.4e38, a finite norm.)
+        self.stats[slot, 0].copy_(torch.nan_to_num(grad_norm, nan=math.inf, posinf=math.inf))
+        self.stats[slot, 1].copy_(torch.nan_to_num(sample_losses.max(), nan=math.inf, posinf=math.inf))
         if "skipped" in result:  # not .get(default): that would allocate a device zero every step
             self.stats[slot, 2].copy_(result["skipped"])
         else:
             self.stats[slot, 2].zero_()  # the slot may hold an earlier window's flag
-        self.pending.append(StepRecord(step, lr, sample_losses.detach(), valid, host_batches))
+        self.pending.append(StepRecord(step, lr, sample_losses.detach(), valid_tokens, host_batches))
         self.last_step = step
 
     def must_check(self, step: int, total_steps: int, checkpoint_interval: int = 0) -> bool:
@@ -166,9 +137,9 @@ class HealthMonitor:
         }
         return metrics, events
 
-    def act(self, events: list[Event]) -> tuple[str | None, Event | None]:
-        """Log, record and capture each event; returns the strongest of stop/rollback, with its event."""
-        decision, cause, captured = None, None, set()
+    def decide(self, events: list[Event]) -> Verdict:
+        """Log, record and capture each event; the verdict is the strongest of stop/rollback, with its event."""
+        verdict, captured = Verdict(), set()
         for event in events:
             action = getattr(self.settings, f"{event.signal}_action")
             record = {**event.to_dict(), "action": action}
@@ -180,9 +151,9 @@ class HealthMonitor:
             if event.signal in CAPTURED_SIGNALS and action != "log" and event.signal not in captured:
                 captured.add(event.signal)  # the first step of each kind is the one that points at the cause
                 self.capture(event.step)
-            if action in ("stop", "rollback") and (decision is None or action == "stop"):
-                decision, cause = action, event  # stop wins: it is the safer of the two
-        return decision, cause
+            if action in ("stop", "rollback") and verdict.action != "stop":
+                verdict = Verdict(action, event)  # stop wins: it is the safer of the two
+        return verdict
 
     def capture(self, step: int) -> Path | None:
         """Write step `step`'s batch, worst sample first, to <run>/spikes/step-<step>.jsonl (rank 0)."""
@@ -217,54 +188,18 @@ class HealthMonitor:
 
         model.register_forward_hook(poison_output)
 
-    # --- LR scale and rollback
-    def apply_lr_scale(self, optimizer: torch.optim.Optimizer, scheduler) -> None:
-        """Base LRs := each group's initial LR x lr_scale; call after every checkpoint load."""
-        scheduler.base_lrs = [group["initial_lr"] * self.lr_scale for group in optimizer.param_groups]
-        for group, base_lr, lr_lambda in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
-            group["lr"] = base_lr * lr_lambda(scheduler.last_epoch)
-        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    # --- rollback: the loop reloads a checkpoint, which restores this monitor's detectors
+    def run_counters(self) -> dict:
+        """What outlives a rollback: the run's counters, its events and the LR scale."""
+        return {"rollbacks": self.rollbacks, "lr_scale": self.lr_scale, "overflow_steps": self.overflow_steps,
+                "nonfinite_loss_steps": self.nonfinite_loss_steps, "events": self.events, "injected": self.injected}
 
-    def roll_back(self, cause: Event, checkpointer, optimizer, scheduler, loader=None, batches_per_step: int = 1):
-        """Reload the last checkpoint before `cause.start_step` and scale the LR.
-
-        Returns (the checkpoint's step, a fresh iterator over `loader` at its data position, past
-        the failed window's batches if health.rollback_skip_data). Raises HealthStop when
-        rollbacks are used up or no checkpoint predates the failure.
-        """
-        if self.rollbacks >= self.settings.max_rollbacks:
-            raise HealthStop(f"{cause.signal} at step {cause.step} after {self.rollbacks} rollbacks "
-                             f"(health.max_rollbacks={self.settings.max_rollbacks}): {cause.message}. "
-                             "Inspect the data and code, lower optimizer.lr, then resume.")
-        path = last_checkpoint_before(checkpointer, cause.start_step)
-        if path is None:
-            raise HealthStop(f"{cause.signal} at step {cause.step}: {cause.message}; no checkpoint predates step "
-                             f"{cause.start_step} to roll back to (enable checkpoint.enable, lower "
-                             "checkpoint.interval), or lower optimizer.lr and restart.")
-        keep = {"rollbacks": self.rollbacks + 1, "lr_scale": self.lr_scale * self.settings.rollback_lr_factor,
-                "overflow_steps": self.overflow_steps, "nonfinite_loss_steps": self.nonfinite_loss_steps,
-                "events": self.events, "injected": self.injected}
-        step = checkpointer.load(path)  # restores every Stateful, this monitor's detectors included
-        self.__dict__.update(keep)  # the run's counters and the LR scale outlive the rollback
+    def rolled_back(self, counters: dict, step: int) -> None:
+        """After the loop reloaded step `step`: restore `counters`, count the rollback, scale the LR."""
+        self.__dict__.update(counters)
+        self.rollbacks += 1
+        self.lr_scale *= self.settings.rollback_lr_factor
         self.pending, self.checked, self.last_step = [], [], step
-        self.apply_lr_scale(optimizer, scheduler)
-        logger.warning("health: rolled back to step %d (%s); LR scale now %.4g, rollback %d of %d",
-                       step, path, self.lr_scale, self.rollbacks, self.settings.max_rollbacks)
-        data_iterator = iter(loader) if loader is not None else None  # at the checkpoint's data position
-        if data_iterator is not None and self.settings.rollback_skip_data:
-            for _ in range((cause.step - step) * batches_per_step):  # do not replay what led to the failure
-                next(data_iterator)
-        return step, data_iterator
-
-    def stop(self, cause: Event, step: int, checkpointer) -> None:
-        """Save (unless diverged: that state must not become the checkpoint to resume) and raise HealthStop."""
-        if checkpointer is not None and cause.signal != "divergence":
-            checkpointer.maybe_save(step, force=True)
-        if checkpointer is not None:
-            checkpointer.close()
-        raise HealthStop(f"{cause.signal} at step {cause.step}: {cause.message} (health.{cause.signal}_action="
-                         f"stop). Events in {self.dump_folder / 'health.jsonl'}; run `python -m titanlite.diagnose "
-                         f"{self.dump_folder}`")
 
     def state_dict(self) -> dict:
         # One JSON string: DCP stores it as one object, whatever the lengths of the histories
@@ -280,15 +215,6 @@ class HealthMonitor:
         self.last_step, self.overflow_steps = int(state["last_step"]), int(state["overflow_steps"])
         self.nonfinite_loss_steps, self.rollbacks = int(state["nonfinite_loss_steps"]), int(state["rollbacks"])
         self.lr_scale, self.events = float(state["lr_scale"]), list(state["events"])
-
-
-def last_checkpoint_before(checkpointer, step: int) -> Path | None:
-    """The newest complete checkpoint saved before `step` (a later one may hold the failure)."""
-    if checkpointer is None or not checkpointer.settings.enable:
-        return None
-    checkpointer.wait()
-    earlier = [path for saved_step, path in checkpointer.complete_checkpoints() if saved_step < step]
-    return earlier[-1] if earlier else None
 
 
 def decode_or_none(tokenizer, token_ids: list[int]) -> str | None:

@@ -21,9 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from titanlite.attention_kernels import pad_head_dim
+from titanlite.attention import build_attention
 from titanlite.config import Model as ModelConfig
-from titanlite.document_mask import build_document_mask, flex_document_attention
 from titanlite.rope import attention_softmax_scale, rope_tables
 
 
@@ -65,11 +64,7 @@ class Attention(nn.Module):
         self.wv = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(config.n_heads * self.head_dim, config.dim, bias=False)
         self.softmax_scale: float | None = attention_softmax_scale(config)  # None = 1/sqrt(head_dim)
-        # flex: attention stays inside each packed document (the mask comes from the data's document ids)
-        self.attention_fn = flex_document_attention if config.attention == "flex" else sdpa_causal
-        padding = config.attention_head_dim_padding  # a number once train.py resolved "auto" for the device
-        if padding.isdigit() and int(padding) != self.head_dim:
-            self.attention_fn = pad_head_dim(self.attention_fn, int(padding))  # a fast kernel takes the padded dim
+        self.attention_fn = build_attention(config)  # causal SDPA or document-masked FlexAttention, maybe padded
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask=None) -> torch.Tensor:
         batch, seq, _ = x.shape
@@ -79,11 +74,6 @@ class Attention(nn.Module):
         v = self.wv(x).view(batch, seq, -1, self.head_dim)
         out = self.attention_fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.softmax_scale, mask)
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
-
-
-def sdpa_causal(q, k, v, scale, mask=None):
-    """(batch, heads, seq, head_dim) -> same; causal; K/V heads broadcast over query groups (GQA)."""
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
 
 
 class FeedForward(nn.Module):
@@ -114,7 +104,7 @@ class Transformer(nn.Module):
     def __init__(self, config: ModelConfig, max_seq_len: int):
         super().__init__()
         if config.vocab_size <= 0:
-            raise ValueError("model.vocab_size must be resolved from the tokenizer before building the model")
+            raise ValueError("model.vocab_size is 0: build the model from config.resolve()'s Run.config")
         self.config, self.max_seq_len = config, max_seq_len
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleDict({str(i): TransformerBlock(config) for i in range(config.n_layers)})
@@ -158,13 +148,10 @@ class Transformer(nn.Module):
         """tokens (batch, seq) int64 -> logits (batch, seq, vocab).
 
         positions (batch, seq): RoPE position of each token (restarting per document if the data
-        says so); None = 0..seq-1. mask: whatever the attention function takes (a FlexAttention
-        BlockMask for document masking, or the document ids (batch, seq) to build it from), or None
-        for plain causal attention.
+        says so); None = 0..seq-1. mask: a FlexAttention BlockMask (attention.document_mask) shared
+        by every layer, or None for plain causal attention.
         """
         seq = tokens.shape[1]
-        if isinstance(mask, torch.Tensor):  # document ids (batch, seq): one block mask shared by all layers
-            mask = build_document_mask(mask)
         if positions is None:
             cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
         else:

@@ -20,7 +20,7 @@ from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInp
                                                SequenceParallel, loss_parallel, parallelize_module)
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from titanlite.config import Config, data_parallel_shape
+from titanlite.config import Config, Run
 
 logger = logging.getLogger("titanlite")
 
@@ -37,9 +37,8 @@ class ParallelDims:
     dp_mesh: DeviceMesh | None = None  # (dp_replicate, dp_shard) flattened: ranks that read different data
 
     @classmethod
-    def from_config(cls, config: Config, world_size: int) -> "ParallelDims":
-        replicate, shard, tensor = data_parallel_shape(config, world_size)
-        return cls(replicate, shard, tensor, world_size)
+    def from_run(cls, run: Run) -> "ParallelDims":
+        return cls(run.replicate, run.shard, run.tensor, run.world_size)
 
     @property
     def data_parallel_degree(self) -> int:
@@ -86,7 +85,7 @@ def parallelize(model: nn.Module, dims: ParallelDims, config: Config, param_dtyp
         apply_tensor_parallel(model, dims.mesh["tp"])
     if config.activation_checkpoint.mode != "none":
         apply_activation_checkpointing(model, config.activation_checkpoint.mode,
-                                       config.activation_checkpoint.selective_option)
+                                       config.activation_checkpoint.selective_blocks)
     if config.compile.enable:
         # Module.compile() compiles in place: parameter names keep no `_orig_mod.` prefix.
         for block in model.layers.values():
@@ -165,13 +164,14 @@ def selective_op_context():
     return create_selective_checkpoint_contexts(_save_matmuls_and_attention)
 
 
-def apply_activation_checkpointing(model: nn.Module, mode: str, selective_option: str) -> None:
-    """full: every block; selective + int k: every k-th block (0, k, 2k, ...); selective + "op":
-    every block, keeping matmul / attention outputs and recomputing the rest."""
+def apply_activation_checkpointing(model: nn.Module, mode: str, selective_blocks: int = 0) -> None:
+    """full: every block whole; selective with selective_blocks = k > 0: every k-th block whole
+    (0, k, 2k, ...); selective with 0: every block per op, keeping matmul / attention outputs and
+    recomputing the rest."""
     for index, block in enumerate(model.layers.values()):
-        if mode == "full" or (mode == "selective" and selective_option != "op" and index % int(selective_option) == 0):
+        if mode == "full" or (mode == "selective" and selective_blocks and index % selective_blocks == 0):
             _checkpoint_forward(block, context_fn=None)
-        elif mode == "selective" and selective_option == "op":
+        elif mode == "selective" and not selective_blocks:
             _checkpoint_forward(block, context_fn=selective_op_context)
 
 

@@ -28,7 +28,7 @@ import math
 import sys
 from dataclasses import dataclass
 
-from titanlite.config import Config, ConfigError, Derived, derive, load_config
+from titanlite.config import Config, ConfigError, Run, data_parallel_shape, load_config, resolve
 
 GIB = 2**30
 # Measured on 4 x H100, torchtitan, the 7B shape: FSDP 4 gave 11,713 tokens/s/GPU and FSDP 2 x TP 2
@@ -98,7 +98,7 @@ def _block_bytes_per_token(config: Config, tp: int, mode: str) -> float:
     m = config.model
     d, heads, head_dim = m.dim, m.n_heads, m.dim // m.n_heads
     kv, ffn = m.n_kv_heads * head_dim, m.intermediate_size
-    padded = int(m.attention_head_dim_padding) if m.attention_head_dim_padding.isdigit() else head_dim
+    padded = m.attention_head_dim or head_dim
     pad_ratio = padded / head_dim
     if mode == "full":
         return 2 * d / tp  # the block input only
@@ -154,7 +154,7 @@ def estimate_memory(config: Config, layout: Layout, grad_accum_steps: int = 1) -
     if offload:
         parameters = gradients = optimizer = 0.0
     mode = config.activation_checkpoint.mode
-    if mode == "selective" and config.activation_checkpoint.selective_option != "op":
+    if mode == "selective" and config.activation_checkpoint.selective_blocks:
         mode = "selective-k"
     if fsdp:
         # Current + prefetched block: bf16 weights, bf16 gradient, its fp32 copy for the reduce-scatter.
@@ -165,7 +165,7 @@ def estimate_memory(config: Config, layout: Layout, grad_accum_steps: int = 1) -
     tokens = config.training.micro_batch_size * config.training.seq_len
     layers = config.model.n_layers
     if mode == "selective-k":
-        every = int(config.activation_checkpoint.selective_option)
+        every = config.activation_checkpoint.selective_blocks
         checkpointed = math.ceil(layers / every)
         per_token = (checkpointed * _block_bytes_per_token(config, tp, "full")
                      + (layers - checkpointed) * _block_bytes_per_token(config, tp, "none"))
@@ -209,7 +209,7 @@ def expected_peak_lr(non_embedding_params: float) -> float:
     return 3.0e-4 * (non_embedding_params / small) ** slope
 
 
-def check_warnings(config: Config, derived: Derived | None, memory: MemoryEstimate, capacity_gib: float,
+def check_warnings(config: Config, derived: Run | None, memory: MemoryEstimate, capacity_gib: float,
                    headroom_gib: float, derive_error: str | None) -> list[str]:
     """One line per problem, each naming the key to change."""
     warnings = []
@@ -248,12 +248,11 @@ def plan(config: Config, ngpu: int, peak_tflops: float = 989.0, mfu: float = 0.4
     counts = count_parameters(config)
     derive_error, derived = None, None
     try:
-        derived = derive(config, ngpu)
+        derived = resolve(config, ngpu, config.model.vocab_size)
     except ConfigError as error:
         derive_error = str(error)
-    from titanlite.config import data_parallel_shape
     try:
-        replicate, shard, tp = data_parallel_shape(config, ngpu)
+        replicate, shard, tp = data_parallel_shape(config.parallelism, ngpu)
     except ConfigError:
         replicate, shard, tp = 1, max(1, ngpu // config.parallelism.tensor_parallel_degree), \
             config.parallelism.tensor_parallel_degree
@@ -270,7 +269,7 @@ def plan(config: Config, ngpu: int, peak_tflops: float = 989.0, mfu: float = 0.4
                    "compile": config.compile.enable, "cpu_offload": config.parallelism.fsdp_cpu_offload},
         "parameters": dataclasses.asdict(counts),
         "flops_per_token": per_token,
-        "derived": dataclasses.asdict(derived) if derived else None,
+        "derived": derived.derived() if derived else None,
         "memory_gib": memory.gib(),
         "time": {"mfu": mfu, "peak_tflops": peak_tflops, "tokens_per_s_per_gpu": round(tokens_per_gpu_s),
                  "wall_days": round(wall_s / 86400, 1), "gpu_hours": round(wall_s * ngpu / 3600)},
@@ -301,7 +300,7 @@ def compare_layouts(config: Config, ngpu: int, capacity_gib: float = 80.0, headr
         divisible = config.training.global_batch_tokens % per_pass == 0
         for mode in ("none", "selective", "full"):
             variant = dataclasses.replace(config, activation_checkpoint=dataclasses.replace(
-                config.activation_checkpoint, mode=mode, selective_option="op"))
+                config.activation_checkpoint, mode=mode, selective_blocks=0))
             memory = estimate_memory(variant, layout, max(1, config.training.global_batch_tokens // per_pass))
             fits = fits_gpu(memory.peak, capacity_gib, headroom_gib)
             rows.append({"layout": layout.name, "tp": layout.tensor, "shard": layout.shard,

@@ -17,19 +17,21 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from titanlite.attention_kernels import check_attention_kernel
+from titanlite.attention import choose_attention_head_dim, document_mask
 from titanlite.checkpoint import CheckpointError, Checkpointer, TrainState
-from titanlite.config import Config, ConfigError, derive, load_config, render, world_size_from_env
+from titanlite.config import (Config, ConfigError, Run, compute_dtype, load_config, render, resolve, settings_help,
+                              world_size_from_env)
 from titanlite.data import DataError, build_dataloader, warn_if_data_bound
-from titanlite.health import HealthMonitor, HealthStop, guarded_optimizer_step
-from titanlite.loss import IGNORE_INDEX, cross_entropy_per_sample
+from titanlite.health import HealthMonitor, HealthStop
+from titanlite.health_detectors import Event
+from titanlite.loss import cross_entropy_per_sample, valid_tokens_per_sample
 from titanlite.metrics import MetricLogger, init_logging, peak_flops_per_device
 from titanlite.model import build_model
-from titanlite.optim import build_lr_scheduler, build_optimizer
+from titanlite.optim import build_optimizer, learning_rate, set_learning_rate, step_unless_nonfinite
 from titanlite.parallelize import (ParallelDims, clip_grad_norm, compile_loss, init_weights_layout_independent,
                                    loss_context, parallelize)
 from titanlite.profiling import OutOfMemory, TrainingProfiler, report_oom
-from titanlite.tokenizer import TokenizerError, build_tokenizer_for_model
+from titanlite.tokenizer import TokenizerError, build_tokenizer
 
 logger = logging.getLogger("titanlite")
 
@@ -43,13 +45,14 @@ def train_step(model, optimizer, micro_batches: list[dict], global_valid_tokens:
     sum(token losses) / `global_valid_tokens` (all ranks, all micro-batches), so the summed
     gradient is the gradient of the global mean, whatever the layout or micro-batch split.
     `loss_context()` wraps the loss and its backward (loss_parallel under TP). A step whose grad
-    norm is inf/NaN is skipped on device (`skip_nonfinite`, see health.py); "skipped" says so.
+    norm is inf/NaN is skipped on device (`skip_nonfinite`); "skipped" says so.
     """
     local_loss = torch.zeros((), device=global_valid_tokens.device)
     per_sample = []
     for batch in micro_batches:
+        mask = document_mask(batch["document_ids"]) if "document_ids" in batch else None
         with autocast:
-            logits = model(batch["input_ids"], positions=batch.get("positions"), mask=batch.get("document_ids"))
+            logits = model(batch["input_ids"], positions=batch.get("positions"), mask=mask)
         with loss_context():
             sample_losses = loss_fn(logits, batch["labels"])
             if hasattr(sample_losses, "full_tensor"):  # TP: replicated per-sample losses
@@ -61,14 +64,14 @@ def train_step(model, optimizer, micro_batches: list[dict], global_valid_tokens:
         per_sample.append(sample_losses.detach())
     parameters = [p for p in model.parameters() if p.grad is not None]
     grad_norm = clip_grad_norm(parameters, grad_clip)  # global over the FSDP x TP mesh
-    skipped = guarded_optimizer_step(optimizer, grad_norm, skip_nonfinite)
+    skipped = step_unless_nonfinite(optimizer, grad_norm, skip_nonfinite)
     optimizer.zero_grad(set_to_none=True)
     return {"loss": local_loss, "grad_norm": grad_norm, "sample_losses": torch.cat(per_sample), "skipped": skipped}
 
 
-def count_valid_tokens(micro_batches: list[dict], dims: ParallelDims) -> torch.Tensor:
-    """Tokens with a label in the global batch (all micro-batches, all DP ranks); stays on device."""
-    count = sum((batch["labels"] != IGNORE_INDEX).sum() for batch in micro_batches).float()
+def global_count(local_count: torch.Tensor, dims: ParallelDims) -> torch.Tensor:
+    """A count summed over the data-parallel ranks, as fp32 on device (no host sync)."""
+    count = local_count.float()
     if dims.data_parallel_mesh is not None:
         dist.all_reduce(count, group=dims.data_parallel_mesh.get_group())
     return count
@@ -85,51 +88,100 @@ def resolve_device(config: Config) -> torch.device:
     return torch.device("cpu")
 
 
+def last_checkpoint_before(checkpointer: Checkpointer, step: int) -> Path | None:
+    """The newest complete checkpoint saved before `step` (a later one may hold the failure)."""
+    if not checkpointer.settings.enable:
+        return None
+    earlier = [path for saved, path in checkpointer.complete_checkpoints() if saved < step]
+    return earlier[-1] if earlier else None
+
+
+def roll_back(cause: Event, health: HealthMonitor, checkpointer: Checkpointer, loader, run: Run):
+    """Reload the last checkpoint before the trouble began; returns (its step, a data iterator there).
+
+    The LR scale (health.lr_scale, read by the schedule) shrinks by health.rollback_lr_factor; with
+    health.rollback_skip_data the batches that led to the failure are not replayed.
+    """
+    settings = run.config.health
+    resume_from = last_checkpoint_before(checkpointer, cause.start_step)
+    if health.rollbacks >= settings.max_rollbacks or resume_from is None:
+        why = (f"after {health.rollbacks} rollbacks (health.max_rollbacks={settings.max_rollbacks})"
+               if resume_from is not None else f"and no checkpoint predates step {cause.start_step} to roll back to")
+        raise HealthStop(f"{cause.signal} at step {cause.step} {why}: {cause.message}. {resume_advice(resume_from)}")
+    counters = health.run_counters()
+    step = checkpointer.load(resume_from)  # restores every Stateful, the health detectors included
+    health.rolled_back(counters, step)
+    logger.warning("health: rolled back to step %d (%s); LR scale now %.4g, rollback %d of %d",
+                   step, resume_from, health.lr_scale, health.rollbacks, settings.max_rollbacks)
+    data_iterator = iter(loader)  # at the checkpoint's data position
+    if settings.rollback_skip_data:
+        for _ in range((cause.step - step) * run.grad_accum_steps):
+            next(data_iterator)
+    return step, data_iterator
+
+
+def resume_advice(resume_from: Path | None) -> str:
+    if resume_from is None:
+        return "Inspect the data and code, lower optimizer.lr, and start again (enable checkpoints to roll back)"
+    return (f"Inspect the data and code, then resume from the last checkpoint before the trouble with a lower LR: "
+            f"--checkpoint.resume {resume_from} --optimizer.lr <lower>")
+
+
+def stop(cause: Event, step: int, checkpointer: Checkpointer, dump_folder: Path) -> None:
+    """Save (unless diverged: that state must not become the checkpoint to resume) and raise HealthStop."""
+    if cause.signal != "divergence":
+        checkpointer.maybe_save(step, force=True)
+    resume_from = last_checkpoint_before(checkpointer, cause.start_step if cause.signal == "divergence" else step + 1)
+    checkpointer.close()
+    raise HealthStop(f"{cause.signal} at step {cause.step}: {cause.message} (health.{cause.signal}_action=stop). "
+                     f"Events in {dump_folder / 'health.jsonl'}; `python -m titanlite.diagnose {dump_folder}`. "
+                     f"{resume_advice(resume_from)}")
+
+
 def train(config: Config) -> list[dict]:
     """Run the configured training; returns the logged records (for tests and benchmarks)."""
-    # --- set-up: processes, device, mesh
+    # --- set-up: processes, device, the resolved run, mesh
     world_size = world_size_from_env()
     device = resolve_device(config)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
     init_logging(rank)
-    derived = derive(config, world_size)
-    dims = ParallelDims.from_config(config, world_size)
+    tokenizer = build_tokenizer(config.tokenizer.path)
+    dtype = getattr(torch, compute_dtype(config, device.type))
+    attention_head_dim = choose_attention_head_dim(  # never a silent fallback to the math kernel
+        config.model, config.parallelism.tensor_parallel_degree, dtype, device)
+    run = resolve(config, world_size, tokenizer.vocab_size, device.type, attention_head_dim)
+    config = run.config  # from here on, every value is concrete
+    dims = ParallelDims.from_run(run)
     dims.build_mesh(device.type)
     torch.manual_seed(config.training.seed)
     dump_folder = Path(config.job.dump_folder)
     if rank == 0:
         dump_folder.mkdir(parents=True, exist_ok=True)
-        (dump_folder / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
-        logger.info("derived: %s", {k: v for k, v in derived.__dict__.items()})
+        (dump_folder / "config.json").write_text(json.dumps(run.to_dict(), indent=2))
+        logger.info("derived: %s", run.derived())
 
-    # --- set-up: tokenizer, model, optimizer, data
-    tokenizer = build_tokenizer_for_model(config)  # also resolves model.vocab_size
-    use_bf16 = device.type == "cuda" and config.training.mixed_precision == "bf16"
-    check_attention_kernel(config, device)  # never a silent fallback to the math kernel
+    # --- set-up: data, model, optimizer, state
+    loader = build_dataloader(config, tokenizer, dims.data_parallel_rank, dims.data_parallel_degree)
     model = build_model(config.model, config.training.seq_len, device="meta")
-    parallelize(model, dims, config, param_dtype=torch.bfloat16 if use_bf16 else torch.float32)
+    parallelize(model, dims, config, param_dtype=dtype)
     # Same initial weights for every layout: each rank builds the full init and keeps its shard.
     init_weights_layout_independent(model, lambda init_device: build_model(config.model, config.training.seq_len,
                                                                            device=init_device),
                                     device, config.training.seed, config.parallelism.fsdp_cpu_offload)
     loss_fn = compile_loss(cross_entropy_per_sample, dims, config)
     # FSDP casts parameters itself; without FSDP, autocast does it per matmul.
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 and not dims.fsdp_enabled
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if dtype == torch.bfloat16 and not dims.fsdp_enabled
                 else contextlib.nullcontext())
     optimizer = build_optimizer(model, config, device.type)
-    scheduler = build_lr_scheduler(optimizer, config, derived)
-    loader = build_dataloader(config, tokenizer, dims.data_parallel_rank, dims.data_parallel_degree)
     train_state = TrainState()
-    health = HealthMonitor(config, derived.warmup_steps, dump_folder, rank, device,
+    health = HealthMonitor(config, run.warmup_steps, dump_folder, rank, device,
                            dims.data_parallel_mesh.get_group() if dims.data_parallel_mesh is not None else None,
                            tokenizer)
     checkpointer = Checkpointer(config, dims, dump_folder, {
-        "model": model, "optimizer": optimizer, "lr_scheduler": scheduler, "dataloader": loader,
-        "train_state": train_state, "health": health})
+        "model": model, "optimizer": optimizer, "dataloader": loader, "train_state": train_state, "health": health})
     checkpointer.load()  # resume (checkpoint.resume): the loop goes on at train_state.step + 1
-    health.apply_lr_scale(optimizer, scheduler)  # rollbacks' LR factors outlive a restart
     health.install_fault_injection(model)  # testing aid only; off unless health.inject_nan_at_step
     profiler = TrainingProfiler(config, dump_folder, rank, device)
     data_iterator = iter(loader)  # after the load: it starts at the restored data position
@@ -138,46 +190,46 @@ def train(config: Config) -> list[dict]:
                            config.metrics.enable_tensorboard, config.metrics.enable_jsonl, device)
     logger.info("model: %s parameters (%s without the embedding), %s FLOPs/token, %d grad-accum steps",
                 f"{model.num_params():,}", f"{model.num_params(exclude_embedding=True):,}",
-                f"{model.flops_per_token(config.training.seq_len):,}", derived.grad_accum_steps)
+                f"{model.flops_per_token(config.training.seq_len):,}", run.grad_accum_steps)
 
     # --- the loop
     step = train_state.step
     loop_start = time.perf_counter()
-    while step < derived.total_steps:  # a while loop: a health rollback moves `step` back
+    while step < run.total_steps:  # a while loop: a health rollback moves `step` back
         step += 1
+        lr = learning_rate(run, step, health.lr_scale)
+        set_learning_rate(optimizer, lr)
         wait_start = time.perf_counter()
-        host_batches = [next(data_iterator) for _ in range(derived.grad_accum_steps)]
+        host_batches = [next(data_iterator) for _ in range(run.grad_accum_steps)]
         data_wait = time.perf_counter() - wait_start
         micro_batches = [{k: v.to(device, non_blocking=True) for k, v in b.items()} for b in host_batches]
-        valid_tokens = count_valid_tokens(micro_batches, dims)
-        step_lr = scheduler.get_last_lr()[0]
+        sample_tokens = torch.cat([valid_tokens_per_sample(batch["labels"]) for batch in micro_batches])
         with report_oom(step, dump_folder, rank, device):
-            result = train_step(model, optimizer, micro_batches, valid_tokens, config.training.grad_clip, autocast,
-                                loss_fn, loss_context(dims), config.health.skip_nonfinite_steps)
-        scheduler.step()
-        health.record(step, result, micro_batches, host_batches, step_lr)
+            result = train_step(model, optimizer, micro_batches, global_count(sample_tokens.sum(), dims),
+                                config.training.grad_clip, autocast, loss_fn, loss_context(dims),
+                                config.health.skip_nonfinite_steps)
+        health.record(step, result, sample_tokens, host_batches, lr)
         profiler.step(step)
         # TP peers share each micro-batch: a GPU's throughput is its 1/TP share of those tokens.
-        metrics.count(derived.grad_accum_steps * derived.tokens_per_micro_batch // dims.tensor, data_wait)
-        train_state.step, train_state.tokens_seen = step, train_state.tokens_seen + derived.tokens_per_step
-        is_log_step = step == 1 or step % config.metrics.log_freq == 0 or step == derived.total_steps
-        if is_log_step or health.must_check(step, derived.total_steps,
+        metrics.count(run.grad_accum_steps * run.tokens_per_micro_batch // dims.tensor, data_wait)
+        train_state.step, train_state.tokens_seen = step, train_state.tokens_seen + run.tokens_per_step
+        is_log_step = step == 1 or step % config.metrics.log_freq == 0 or step == run.total_steps
+        if is_log_step or health.must_check(step, run.total_steps,
                                             config.checkpoint.interval if config.checkpoint.enable else 0):
             window, events = health.check()  # host sync: logging (or pre-checkpoint) step only
             if is_log_step:
-                record = metrics.log(step, {**window, "lr": scheduler.get_last_lr()[0], **profiler.on_log_step(step)})
+                record = metrics.log(step, {**window, "lr": lr, **profiler.on_log_step(step)})
                 warn_if_data_bound(step, record["data_wait_fraction"], config)
                 if step == 1 and config.compile.enable:
                     logger.info("compile: first step took %.1f s (torch.compile included)",
                                 time.perf_counter() - loop_start)
-            action, cause = health.act(events)
-            if action == "rollback":  # reload, LR x factor, go on from the checkpoint's step
-                step, data_iterator = health.roll_back(cause, checkpointer, optimizer, scheduler, loader,
-                                                       derived.grad_accum_steps)
+            verdict = health.decide(events)
+            if verdict.action == "rollback":
+                step, data_iterator = roll_back(verdict.cause, health, checkpointer, loader, run)
                 continue
-            if action == "stop":
-                health.stop(cause, step, checkpointer)  # raises HealthStop
-        checkpointer.maybe_save(step, force=step == derived.total_steps)
+            if verdict.action == "stop":
+                stop(verdict.cause, step, checkpointer, dump_folder)
+        checkpointer.maybe_save(step, force=step == run.total_steps)
 
     # --- tear-down
     checkpointer.maybe_save(step, force=True)  # a clean stop before the last step saves too
@@ -188,6 +240,20 @@ def train(config: Config) -> list[dict]:
         logger.info("done: %d steps, loss %.4f -> %.4f", step, first["loss"], last["loss"])
     metrics.close()
     return metrics.history
+
+
+def print_config(config: Config) -> None:
+    """The resolved run as `--print-config` shows it (on this machine's device, no process group)."""
+    try:
+        vocab_size = build_tokenizer(config.tokenizer.path).vocab_size
+    except TokenizerError:
+        if not config.model.vocab_size:
+            raise
+        vocab_size = config.model.vocab_size  # an explicit vocabulary needs no tokenizer file to plan with
+    device = torch.device("cuda" if config.training.device != "cpu" and torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, compute_dtype(config, device.type))
+    head_dim = choose_attention_head_dim(config.model, config.parallelism.tensor_parallel_degree, dtype, device)
+    print(render(resolve(config, world_size_from_env(), vocab_size, device.type, head_dim)))
 
 
 # Errors in the input or the run's state, with the exit code scripts can test: 2 bad input,
@@ -202,15 +268,16 @@ USER_ERRORS = tuple(kind for kind, _, _ in _USER_ERROR_TABLE)
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Train a LLaMA-style model with titanlite.",
-                                     epilog="Any config key can be overridden: --section.key value")
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="settings (any of them: --section.key value; a bare boolean flag "
+                                            "means true):" + settings_help())
     parser.add_argument("--config", default=None, help="TOML file, or a name in train_configs/")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and derived values")
     args, overrides = parser.parse_known_args(argv)
     try:
         config = load_config(args.config, overrides)
-        derived = derive(config, world_size_from_env())
         if args.print_config:
-            print(render(config, derived))
+            print_config(config)
             return
         train(config)
     except USER_ERRORS as error:  # a person can fix these: one line, no traceback, a telling exit code

@@ -1,17 +1,154 @@
-"""Document masking: FlexAttention block mask, per-document positions, and the training loop's use of them."""
+"""attention.py: head-dim padding is exact, the start-up probe never lets the math kernel run silently,
+and the FlexAttention document mask keeps attention inside each packed document."""
 
+import math
 import time
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
+import titanlite.attention as attention
 import titanlite.train as train_module
+from titanlite.attention import (choose_attention_head_dim, document_mask, flex_document_attention,
+                                 head_dim_candidates, pad_head_dim, probe_attention_head_dim, sdpa_causal,
+                                 selected_kernel)
+from titanlite.config import ConfigError, load_config
 from titanlite.config import Model as ModelConfig
-from titanlite.config import load_config
 from titanlite.data import make_batch
-from titanlite.document_mask import build_document_mask, flex_document_attention
 from titanlite.model import build_model
+
+
+def reference_attention(q, k, v, scale):
+    """Plain causal GQA attention in the input dtype: repeat K/V heads, mask, softmax."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    logits = (q @ k.transpose(-1, -2)) * scale
+    seq = q.shape[2]
+    logits = logits.masked_fill(torch.ones(seq, seq, dtype=torch.bool).triu(1), float("-inf"))
+    return logits.softmax(-1) @ v
+
+
+@pytest.mark.parametrize("padded", [104, 128])
+@pytest.mark.parametrize("scale", [None, 1.1434 / math.sqrt(100)])  # SDPA's default and a YaRN-tempered one
+def test_padded_attention_equals_unpadded_in_float64(padded, scale):
+    torch.manual_seed(0)
+    shapes = [(2, 8, 24, 100), (2, 2, 24, 100), (2, 2, 24, 100)]
+    inputs = [torch.randn(s, dtype=torch.float64, requires_grad=True) for s in shapes]
+    copies = [t.detach().clone().requires_grad_() for t in inputs]
+    out = pad_head_dim(sdpa_causal, padded)(*inputs, scale)
+    expected = reference_attention(*copies, scale if scale is not None else 1 / math.sqrt(100))
+    assert out.shape == expected.shape
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    expected.backward(grad_out)
+    for got, want in zip(inputs, copies):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_padding_with_the_padded_dims_scale_would_be_wrong():
+    # Guard on the test above: a pad that let SDPA take 1/sqrt(128) would differ visibly.
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 16, 100, dtype=torch.float64) * 3 for _ in range(3))
+    wrong = F.scaled_dot_product_attention(F.pad(q, (0, 28)), F.pad(k, (0, 28)), F.pad(v, (0, 28)),
+                                           is_causal=True)[..., :100]
+    assert (wrong - pad_head_dim(sdpa_causal, 128)(q, k, v, None)).abs().max() > 1e-3
+
+
+def test_model_with_padding_matches_model_without():
+    config = dict(dim=200, n_heads=2, n_kv_heads=1, intermediate_size=64, vocab_size=50, n_layers=2)
+    tokens = torch.randint(0, 50, (2, 12))
+    outputs = []
+    padded_shapes = []
+    for head_dim in (0, 104):
+        model = build_model(ModelConfig(attention_head_dim=head_dim, **config), 12, device="cpu").double()
+        model.init_weights(seed=0)
+        model.init_rope()
+        with torch.no_grad():
+            outputs.append(model(tokens))
+        padded_shapes.append(model.layers["0"].attention.attention_fn.__name__)
+    assert padded_shapes == ["sdpa_causal", "padded_attention"]  # 104 pads; 0 (= the true dim 100) does not
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-12, atol=1e-12)
+
+
+def math_only(q, k, v, scale, mask=None):
+    with sdpa_kernel(SDPBackend.MATH):
+        return sdpa_causal(q, k, v, scale)
+
+
+def fast_only_for_multiples_of_8(q, k, v, scale, mask=None):
+    """Mimics H100 builds whose fast kernels reject head_dim % 8 != 0."""
+    return sdpa_causal(q, k, v, scale) if q.shape[-1] % 8 == 0 else math_only(q, k, v, scale)
+
+
+def test_selected_kernel_tells_flash_from_math():
+    assert selected_kernel(sdpa_causal, 4, 1, 100, torch.float32, "cpu") == "flash"  # CPU flash takes any dim
+    assert selected_kernel(math_only, 4, 1, 100, torch.float32, "cpu") == "math"
+
+
+def test_head_dim_candidates():
+    assert head_dim_candidates(100, 0) == [100, 128, 104]
+    assert head_dim_candidates(128, 0) == [128]
+    assert head_dim_candidates(100, 100) == [100]
+    assert head_dim_candidates(100, 128) == [128]
+
+
+def test_probe_pads_when_the_true_dim_falls_to_math_and_fails_loudly_otherwise():
+    device = torch.device("cpu")
+    shape = dict(dim=3200, n_heads=32, n_kv_heads=8)
+    choose = probe_attention_head_dim
+    assert choose(ModelConfig(**shape), 8, torch.float32, device, sdpa_causal) == 100
+    assert choose(ModelConfig(**shape), 8, torch.float32, device, fast_only_for_multiples_of_8) == 128
+    assert choose(ModelConfig(attention_head_dim=104, **shape), 8, torch.float32, device,
+                  fast_only_for_multiples_of_8) == 104
+    with pytest.raises(ConfigError, match="head_dim 100.*math kernel would run silently"):
+        choose(ModelConfig(attention_head_dim=100, **shape), 8, torch.float32, device, fast_only_for_multiples_of_8)
+    with pytest.raises(ConfigError, match="model.attention_head_dim=0"):
+        choose(ModelConfig(**shape), 8, torch.float32, device, math_only)
+
+
+def test_cpu_runs_keep_the_configured_head_dim():
+    assert choose_attention_head_dim(ModelConfig(dim=3200, n_heads=32), 1, torch.float32, torch.device("cpu")) == 100
+    assert choose_attention_head_dim(ModelConfig(dim=3200, n_heads=32, attention_head_dim=128), 1, torch.float32,
+                                     torch.device("cpu")) == 128
+
+
+@pytest.mark.parametrize("value, message", [("96", "must be 0 (auto) or >= the head dim 100"),
+                                            ("abc", "expected int"), ("-8", "must be >= 0")])
+def test_bad_head_dim_values_are_rejected(value, message):
+    with pytest.raises(ConfigError, match="attention_head_dim") as error:
+        load_config(None, ["--model.dim", "3200", "--model.n_heads", "32", "--model.n_kv_heads", "8",
+                           "--model.attention_head_dim", value])
+    assert message in str(error.value)
+
+
+def test_auto_prefers_the_faster_kernel_over_no_padding(monkeypatch):
+    """H100: the true head_dim 100 runs on flash, padded to 128 on cuDNN (1.7x faster): pad."""
+    device = torch.device("cpu")
+    seen_head_dims = []
+    real_selected_kernel = attention.selected_kernel
+
+    def spy(q, k, v, scale, mask=None):
+        seen_head_dims.append(q.shape[-1])
+        return sdpa_causal(q, k, v, scale)
+
+    def h100_like(*args, **kwargs):
+        kernel = real_selected_kernel(*args, **kwargs)
+        return {100: "flash", 104: "cudnn", 128: "cudnn"}[seen_head_dims[-1]] if kernel != "math" else kernel
+
+    monkeypatch.setattr(attention, "selected_kernel", h100_like)
+    config = ModelConfig(dim=3200, n_heads=32, n_kv_heads=8)
+    assert probe_attention_head_dim(config, 1, torch.float32, device, spy) == 128
+    assert set(seen_head_dims) == {100, 104, 128}  # every candidate was probed
+    seen_head_dims.clear()
+    config = ModelConfig(dim=4096, n_heads=32, n_kv_heads=8)  # head_dim 128: nothing to pad
+    assert probe_attention_head_dim(config, 1, torch.float32, device, spy) == 128
+
+
+# --- the document mask
 
 EOS, VOCAB = 95, 96
 
@@ -39,7 +176,7 @@ def test_second_document_logits_equal_the_document_alone(packed):
     batch, a, b = packed
     flex, alone = tiny_model("flex"), tiny_model("sdpa")
     with torch.no_grad():
-        packed_logits = flex(batch["input_ids"], positions=batch["positions"], mask=batch["document_ids"])
+        packed_logits = flex(batch["input_ids"], positions=batch["positions"], mask=document_mask(batch["document_ids"]))
         a_logits = alone(torch.cat([a, torch.tensor([EOS])])[None])
         b_logits = alone(torch.cat([b, torch.tensor([EOS])])[None])
         crossing = alone(batch["input_ids"])  # plain causal attention sees document A from B
@@ -47,7 +184,7 @@ def test_second_document_logits_equal_the_document_alone(packed):
     torch.testing.assert_close(packed_logits[0, 23:64], b_logits[0], rtol=0, atol=1e-5)
     assert (crossing[0, 23:64] - b_logits[0]).abs().max() > 1e-3  # the test can tell the difference
     # Training on CPU takes the dense-mask path (FlexAttention has no CPU backward): same logits, gradients flow.
-    with_grad = flex(batch["input_ids"], positions=batch["positions"], mask=batch["document_ids"])
+    with_grad = flex(batch["input_ids"], positions=batch["positions"], mask=document_mask(batch["document_ids"]))
     torch.testing.assert_close(with_grad.detach(), packed_logits, rtol=0, atol=1e-5)
     with_grad[0, 23:64].sum().backward()
     assert flex.layers["0"].attention.wq.weight.grad.abs().sum() > 0
@@ -92,7 +229,7 @@ def test_compiled_flex_on_gpu_matches_the_document_alone(packed):
     batch, a, b = packed
     flex, alone = tiny_model("flex", dim=256).cuda().bfloat16(), tiny_model("sdpa", dim=256).cuda().bfloat16()
     batch = {k: v.cuda() for k, v in batch.items()}
-    packed_logits = flex(batch["input_ids"], positions=batch["positions"], mask=batch["document_ids"])
+    packed_logits = flex(batch["input_ids"], positions=batch["positions"], mask=document_mask(batch["document_ids"]))
     with torch.no_grad():
         b_logits = alone(torch.cat([b, torch.tensor([EOS])])[None].cuda())
         crossing = alone(batch["input_ids"])
@@ -105,7 +242,7 @@ def test_compiled_flex_on_gpu_matches_the_document_alone(packed):
 
 def test_block_mask_against_loops():
     document_ids = torch.tensor([[0] * 5 + [1] * 130 + [2] * 9, [0] * 144])
-    mask = build_document_mask(document_ids)
+    mask = document_mask(document_ids)
     from torch.nn.attention.flex_attention import create_mask
 
     dense = create_mask(mask.mask_mod, 2, None, 144, 144, device="cpu")[:, 0]
@@ -122,7 +259,7 @@ def test_flex_attention_function_against_masked_softmax():
     k, v = (torch.randn(1, 2, 40, 16, generator=generator).float() for _ in range(2))
     document_ids = torch.tensor([[0] * 15 + [1] * 25])
     with torch.no_grad():
-        out = flex_document_attention(q, k, v, None, build_document_mask(document_ids))
+        out = flex_document_attention(q, k, v, None, document_mask(document_ids))
     # Reference in float64: explicit scores, -inf outside the document-causal mask, GQA by repetition.
     k64, v64 = k.double().repeat_interleave(2, dim=1), v.double().repeat_interleave(2, dim=1)
     scores = q.double() @ k64.transpose(-1, -2) / 4.0
