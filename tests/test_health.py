@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import tiny_config
 from distributed import run_distributed
 from titanlite.config import Model as ModelConfig
 from titanlite.config import load_config

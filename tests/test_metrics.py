@@ -64,3 +64,34 @@ def test_peak_flops_override_cpu_and_unknown(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="titanlite"):
         assert peak_flops_per_device(torch.device("cuda", 0)) == 0.0
     assert "set metrics.peak_flops" in caplog.text
+
+
+def test_a_fresh_run_moves_an_earlier_runs_records_aside_and_a_resumed_one_continues(tmp_path):
+    from titanlite.train import train
+    from conftest import tiny_config
+
+    first = train(tiny_config(tmp_path, "--training.steps", "2"))
+    second = train(tiny_config(tmp_path, "--training.steps", "3"))  # no checkpoint: a fresh run
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [r["step"] for r in second] == [1, 2, 3]  # not 1, 2, 1, 2, 3
+    (aside,) = (tmp_path / "previous_runs").iterdir()
+    kept = [json.loads(line) for line in (aside / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in kept] == [r["step"] for r in first] == [1, 2]
+    assert json.loads((aside / "config.json").read_text())["training"]["steps"] == 2
+    assert json.loads((tmp_path / "config.json").read_text())["derived"]["total_steps"] == 3
+
+    resumable = tmp_path / "resumable"
+    train(tiny_config(resumable, "--training.steps", "2", "--checkpoint.enable", "true"))
+    train(tiny_config(resumable, "--training.steps", "4", "--checkpoint.enable", "true"))  # resumes at step 3
+    rows = [json.loads(line) for line in (resumable / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2, 3, 4] and not (resumable / "previous_runs").exists()
+
+
+def test_an_unwritable_dump_folder_is_one_config_error(tmp_path):
+    from titanlite.config import ConfigError
+    from titanlite.metrics import check_dump_folder
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ConfigError, match=r"job.dump_folder=.*file/run is not writable"):
+        check_dump_folder(blocker / "run")

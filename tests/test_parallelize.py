@@ -177,8 +177,20 @@ def inspect_fsdp_tp_layout():
     with loss_context(dims)():
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens.flatten())
         loss.backward()
+    # The grad norm: one reduction over the whole mesh, the same on every rank, against float64.
+    import warnings
+
+    from titanlite.parallelize import clip_grad_norm
+    exact = sum((p.grad.full_tensor().double() ** 2).sum() for p in model.parameters()).sqrt().item()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        norm = clip_grad_norm(list(model.parameters()), 0.0)
+    norms = [torch.zeros(())] * 4
+    dist.all_gather(norms, norm)
     return {"init_error": max_init_error, "shapes": shapes, "names_match": names_match,
-            "vocab_sharded_logits": is_vocab_sharded, "local_logits": tuple(logits.to_local().shape)}
+            "vocab_sharded_logits": is_vocab_sharded, "local_logits": tuple(logits.to_local().shape),
+            "grad_norm_error": abs(norm.item() - exact) / exact, "grad_norms": [n.item() for n in norms],
+            "warnings": [str(w.message) for w in caught]}
 
 
 def test_tp_plan_shards_heads_ffn_and_vocab(tmp_path):
@@ -197,6 +209,11 @@ def test_tp_plan_shards_heads_ffn_and_vocab(tmp_path):
         assert shapes["tok_embeddings.weight"][:2] == ((512, 64), (2048, 64))  # vocab over TP, then FSDP
         assert shapes["output.weight"][:2] == ((512, 64), (2048, 64))
         assert shapes["norm.weight"][2] == ("S(0)", "R")  # sequence-parallel norm: FSDP-sharded, TP-replicated
+        # One reduction of the squared norm: every rank the same number, within float32 rounding of
+        # the float64 norm of the same gradients, and no warning of reductions that may disagree.
+        assert len(set(result["grad_norms"])) == 1
+        assert result["grad_norm_error"] < 1e-6
+        assert result["warnings"] == []
 
 
 # --- torch.compile

@@ -533,6 +533,21 @@ def render(run: Run) -> str:
     return "\n".join(lines)
 
 
+def config_differences(saved: dict, current: dict) -> list[str]:
+    """'section.key: saved -> current' for every setting that differs between two config dicts
+    (Config.to_dict() or Run.to_dict()); keys one side lacks are listed too. Derived values are left
+    out: they follow from the settings."""
+    differences = []
+    for section in sorted(set(saved) | set(current)):
+        if section == "derived" or not isinstance(saved.get(section, {}), dict):
+            continue
+        before, after = saved.get(section, {}), current.get(section, {})
+        for key in sorted(set(before) | set(after)):
+            if before.get(key, "<unset>") != after.get(key, "<unset>"):
+                differences.append(f"{section}.{key}: {before.get(key, '<unset>')!r} -> {after.get(key, '<unset>')!r}")
+    return differences
+
+
 def settings_help() -> str:
     """Every setting with its type, default and help: the body of `--help`."""
     lines, section = [], None

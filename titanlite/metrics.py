@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+
+from titanlite.config import ConfigError
 
 logger = logging.getLogger("titanlite")
 
@@ -17,6 +22,35 @@ PEAK_BF16_FLOPS = {
     "H100 SXM": 989e12, "H100 80GB HBM3": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12,
     "H200": 989e12, "GH200": 989e12, "A100": 312e12, "B200": 2250e12, "L40S": 362e12,
 }
+
+
+# A run's records in its folder: a fresh run starts them anew, a resumed run continues them.
+RUN_RECORDS = ("config.json", "metrics.jsonl", "health.jsonl", "tb", "spikes", "diagnose")
+
+
+def check_dump_folder(folder: Path) -> None:
+    """Create job.dump_folder and make sure this process can write there, or raise a one-line ConfigError."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as error:
+        raise ConfigError(f"job.dump_folder={folder} is not writable ({error.strerror or error}): fix its "
+                          "permissions or choose another folder") from None
+
+
+def start_run_records(folder: Path, run_record: dict, resumed: bool) -> None:
+    """Write config.json; on a fresh run, first move an earlier run's records aside (never mixed, never lost)."""
+    earlier = [name for name in RUN_RECORDS if (folder / name).exists()]
+    if earlier and not resumed:
+        aside = folder / "previous_runs" / datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+        aside.mkdir(parents=True)
+        for name in earlier:
+            shutil.move(str(folder / name), str(aside / name))
+        logger.warning("job.dump_folder=%s held an earlier run's records (%s): moved to %s; this run starts new "
+                       "ones", folder, ", ".join(earlier), aside)
+    (folder / "config.json").write_text(json.dumps(run_record, indent=2))
 
 
 def init_logging(rank: int) -> None:

@@ -260,18 +260,38 @@ def init_weights_layout_independent(model: nn.Module, build_reference, device: t
 
 # --- gradient clipping
 
+def _copies(grad: torch.Tensor, world_size: int) -> int:
+    """How many ranks hold each element of `grad`: its replicated mesh dims, times the meshes beside its own."""
+    if not isinstance(grad, DTensor):
+        return world_size
+    mesh = grad.device_mesh
+    replicated = 1
+    for dim, placement in enumerate(grad.placements):
+        if placement.is_replicate():
+            replicated *= mesh.size(dim)
+    return replicated * world_size // mesh.size()
+
+
 @torch.no_grad()
 def clip_grad_norm(parameters: list[nn.Parameter], max_norm: float) -> torch.Tensor:
-    """Clip to a global L2 norm over every shard on every rank; returns the norm before clipping.
+    """Clip to the global L2 norm of every gradient; returns the norm before clipping (0-dim fp32, no host sync).
 
-    The norm of DTensor gradients is a partial value per rank; `full_tensor()` combines them
-    over the whole FSDP x TP mesh, so every rank clips by the same, layout-independent factor.
-    max_norm <= 0 measures without clipping. Returns a plain 0-dim fp32 tensor (no host sync).
+    One all-reduce over all ranks: each rank sums the squared norms of its local shards (an element
+    held by k ranks counts 1/k on each), in float64, and the sum is reduced once. So every rank,
+    under any FSDP x TP layout, clips by the same factor (a per-mesh-dimension reduction, as
+    DTensor's full_tensor() does it, sums in another order on every layout). max_norm <= 0
+    measures without clipping.
     """
     grads = [p.grad for p in parameters if p.grad is not None]
-    total_norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
-    if isinstance(total_norm, DTensor):
-        total_norm = total_norm.full_tensor()
+    grads = [g.redistribute(placements=[Replicate() if q.is_partial() else q for q in g.placements])
+             if isinstance(g, DTensor) and any(q.is_partial() for q in g.placements) else g for g in grads]
+    world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+    weights = torch.tensor([1.0 / _copies(g, world_size) for g in grads], dtype=torch.float64, device=local[0].device)
+    squared = (torch.stack(torch._foreach_norm(local)).double().square() * weights).sum()
+    if world_size > 1:
+        torch.distributed.all_reduce(squared)
+    total_norm = squared.sqrt().float()
     if max_norm > 0:
         torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total_norm, foreach=True)
     return total_norm

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import os
 import sys
@@ -25,7 +24,7 @@ from titanlite.data import DataError, build_dataloader, warn_if_data_bound
 from titanlite.health import HealthMonitor, HealthStop
 from titanlite.health_detectors import Event
 from titanlite.loss import cross_entropy_per_sample, valid_tokens_per_sample
-from titanlite.metrics import MetricLogger, init_logging, peak_flops_per_device
+from titanlite.metrics import MetricLogger, check_dump_folder, init_logging, peak_flops_per_device, start_run_records
 from titanlite.model import build_model
 from titanlite.optim import build_optimizer, learning_rate, set_learning_rate, step_unless_nonfinite
 from titanlite.parallelize import (ParallelDims, clip_grad_norm, compile_loss, init_weights_layout_independent,
@@ -158,8 +157,7 @@ def train(config: Config) -> list[dict]:
     torch.manual_seed(config.training.seed)
     dump_folder = Path(config.job.dump_folder)
     if rank == 0:
-        dump_folder.mkdir(parents=True, exist_ok=True)
-        (dump_folder / "config.json").write_text(json.dumps(run.to_dict(), indent=2))
+        check_dump_folder(dump_folder)
         logger.info("derived: %s", run.derived())
 
     # --- set-up: data, model, optimizer, state
@@ -181,7 +179,9 @@ def train(config: Config) -> list[dict]:
                            tokenizer)
     checkpointer = Checkpointer(config, dims, dump_folder, {
         "model": model, "optimizer": optimizer, "dataloader": loader, "train_state": train_state, "health": health})
-    checkpointer.load()  # resume (checkpoint.resume): the loop goes on at train_state.step + 1
+    resumed = checkpointer.load() is not None  # resume (checkpoint.resume): the loop goes on at train_state.step + 1
+    if rank == 0:
+        start_run_records(dump_folder, run.to_dict(), resumed)
     health.install_fault_injection(model)  # testing aid only; off unless health.inject_nan_at_step
     profiler = TrainingProfiler(config, dump_folder, rank, device)
     data_iterator = iter(loader)  # after the load: it starts at the restored data position
