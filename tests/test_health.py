@@ -282,7 +282,7 @@ def test_stop_wins_over_rollback_and_rollback_without_checkpoint_stops(tmp_path,
     from titanlite.parallelize import ParallelDims
     from titanlite.train import roll_back, stop
 
-    config = load_config(None, ["--health.spike_action", "stop"])
+    config = load_config(None, ["--training.steps", "9", "--health.spike_action", "stop"])
     monitor = HealthMonitor(config, 0, tmp_path, rank=0, device=torch.device("cpu"))
     divergence = Event(9, "divergence", "loss is nan at step 9", 9, math.nan)
     spike = Event(9, "spike", "loss 5 vs trend 2.5", 9, 5.0)
