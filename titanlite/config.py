@@ -47,11 +47,13 @@ class Model:
     vocab_size: int = 0  # 0 = the tokenizer's vocabulary padded to tokenizer.vocab_multiple
     norm_eps: float = 1e-5  # RMSNorm epsilon
     rope_theta: float = 10000.0  # RoPE base
-    rope_scaling: str = "none"  # none | yarn
-    rope_scaling_factor: float = 1.0  # YaRN: target context / original context
-    rope_original_max_position: int = 4096  # YaRN: context the base RoPE was designed for
-    rope_beta_fast: float = 32.0  # YaRN ramp: rotations above this are not interpolated
-    rope_beta_slow: float = 1.0  # YaRN ramp: rotations below this are fully interpolated
+    rope_scaling: str = "none"  # none | yarn | llama3 (Llama 3.1/3.2), as Hugging Face computes them
+    rope_scaling_factor: float = 1.0  # YaRN, llama3: target context / original context
+    rope_original_max_position: int = 4096  # YaRN, llama3: context the base RoPE was designed for
+    rope_beta_fast: float = 32.0  # YaRN ramp: pairs up to the one turning this many times are not interpolated
+    rope_beta_slow: float = 1.0  # YaRN ramp: pairs from the one turning this many times on are fully interpolated
+    rope_low_freq_factor: float = 1.0  # llama3: pairs turning fewer times than this are fully interpolated
+    rope_high_freq_factor: float = 4.0  # llama3: pairs turning more times than this are not interpolated
     attention: str = "sdpa"  # sdpa (causal, crosses documents) | flex (FlexAttention document mask)
     positions: str = "sequence"  # RoPE positions: sequence (0..seq_len-1) | document (restart per document)
     init_std: float = 0.02  # std of the input projections; output projections are depth-scaled
@@ -218,7 +220,7 @@ class Config:
 
 # Allowed values for the string options; validate() rejects anything else.
 CHOICES = {
-    "model.rope_scaling": ("none", "yarn"),
+    "model.rope_scaling": ("none", "yarn", "llama3"),
     "model.attention": ("sdpa", "flex"),
     "model.positions": ("sequence", "document"),
     "data.source": None,  # free path
@@ -341,6 +343,7 @@ def validate(config: Config) -> None:
         "optimizer.lr", "metrics.log_freq", "checkpoint.interval", "tokenizer.vocab_multiple",
         "parallelism.tensor_parallel_degree", "parallelism.data_parallel_replicate_degree",
         "model.rope_theta", "model.norm_eps", "data.prefetch_factor", "checkpoint.write_threads",
+        "model.rope_original_max_position",
     ]
     non_negative = [
         "training.total_tokens", "training.steps", "training.grad_clip", "optimizer.weight_decay",
@@ -370,8 +373,14 @@ def validate(config: Config) -> None:
     if padding not in ("auto", "none") and not (padding.isdigit() and int(padding) >= model.dim // model.n_heads):
         raise ConfigError(f"model.attention_head_dim_padding={padding!r}: allowed are auto, none or an int >= "
                           f"head_dim {model.dim // model.n_heads}")
-    if model.rope_scaling == "yarn" and model.rope_scaling_factor < 1.0:
-        raise ConfigError(f"model.rope_scaling_factor={model.rope_scaling_factor}: YaRN needs >= 1")
+    if model.rope_scaling != "none" and model.rope_scaling_factor < 1.0:
+        raise ConfigError(f"model.rope_scaling_factor={model.rope_scaling_factor}: {model.rope_scaling} needs >= 1")
+    if model.rope_scaling == "yarn" and not 0 < model.rope_beta_slow < model.rope_beta_fast:
+        raise ConfigError(f"model.rope_beta_slow={model.rope_beta_slow}, model.rope_beta_fast={model.rope_beta_fast}: "
+                          "YaRN needs 0 < rope_beta_slow < rope_beta_fast")
+    if model.rope_scaling == "llama3" and not 0 < model.rope_low_freq_factor < model.rope_high_freq_factor:
+        raise ConfigError(f"model.rope_low_freq_factor={model.rope_low_freq_factor}, model.rope_high_freq_factor="
+                          f"{model.rope_high_freq_factor}: llama3 needs 0 < rope_low_freq_factor < rope_high_freq_factor")
     if config.parallelism.data_parallel_shard_degree == 0 or config.parallelism.data_parallel_shard_degree < -1:
         raise ConfigError(
             f"parallelism.data_parallel_shard_degree={config.parallelism.data_parallel_shard_degree}: "
