@@ -62,7 +62,7 @@ class Model:
 
 @dataclass
 class Tokenizer:
-    path: str = "default"  # default | tiktoken:<encoding name> | path to a tiktoken BPE file
+    path: str = "default"  # default | tiktoken:<encoding name> | path to a tiktoken BPE file or an HF byte-level BPE tokenizer.json
     vocab_multiple: int = 128  # pad the model vocabulary up to a multiple of this
 
 
