@@ -24,8 +24,9 @@ TINY = ["--model.dim", "64", "--model.n_layers", "2", "--model.n_heads", "4", "-
 YARN = ["--model.rope_scaling", "yarn", "--model.rope_scaling_factor", "2", "--model.rope_original_max_position", "64"]
 LLAMA3 = ["--model.rope_scaling", "llama3", "--model.rope_scaling_factor", "8", "--model.rope_original_max_position",
           "64", "--model.rope_low_freq_factor", "1", "--model.rope_high_freq_factor", "4"]
-MULTILINGUAL = ("def f(x):\n    return {'a': x ** 2}  # 平方\n\n\n\tif x:\r\n        pass  日本語のテキスト、中文。한국어 "
-                "emoji 🦙🔥 👩‍👩‍👧 🇫🇷 tabs\t\tand     spaces   \n\n  Ünïcödé ½ 𝔘 I'll 1234567 العربية हिन्दी  ")
+MULTILINGUAL = ("def f(x):\n    return {'a': x ** 2}  # 平方\n\n\n\tif x:\r\n        pass  "
+                "日本語のテキスト、中文。한국어 emoji 🦙🔥 👩‍👩‍👧 🇫🇷 tabs\t\tand     spaces   \n\n  "
+                "Ünïcödé ½ 𝔘 I'll 1234567 العربية हिन्दी  ")
 
 
 def no_steps():
@@ -119,7 +120,8 @@ def hf_llama_reference(hf: dict[str, torch.Tensor], config: dict, tokens: torch.
         attention = (scores.softmax(-1) @ v).transpose(1, 2).reshape(1, seq, -1)
         x = x + attention @ w[p + "self_attn.o_proj.weight"].T
         h = norm(x, w[p + "post_attention_layernorm.weight"])
-        x = x + (F.silu(h @ w[p + "mlp.gate_proj.weight"].T) * (h @ w[p + "mlp.up_proj.weight"].T)) @ w[p + "mlp.down_proj.weight"].T
+        gated = F.silu(h @ w[p + "mlp.gate_proj.weight"].T) * (h @ w[p + "mlp.up_proj.weight"].T)
+        x = x + gated @ w[p + "mlp.down_proj.weight"].T
     return norm(x, w["model.norm.weight"]) @ w["lm_head.weight"].T
 
 
@@ -177,7 +179,8 @@ def trained_debug_checkpoint(tmp_path_factory):
     config = load_config("debug_model", [
         "--training.steps", "12", "--job.dump_folder", str(folder), "--checkpoint.enable", "true",
         "--metrics.enable_tensorboard", "false", "--data.default_num_documents", "500", "--training.seq_len", "128",
-        "--training.micro_batch_size", "2", "--training.global_batch_tokens", "256", "--lr_schedule.warmup_tokens", "768"])
+        "--training.micro_batch_size", "2", "--training.global_batch_tokens", "256",
+        "--lr_schedule.warmup_tokens", "768"])
     records = train(config)
     assert records[-1]["loss"] < records[0]["loss"] - 2  # trained: far from the uniform 7.6
     return folder / "checkpoint" / "step-00000012"

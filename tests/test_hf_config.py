@@ -1,4 +1,6 @@
-"""config.json -> [model]: both RoPE layouts read as transformers reads them; what titanlite cannot compute is refused."""
+"""config.json -> [model]: both RoPE layouts read as transformers reads them; the rest refused."""
+
+import math
 
 import pytest
 
@@ -42,7 +44,8 @@ def test_transformers_defaults_and_precedence():
     assert model.rope_original_max_position == 1024
     model = imported(rope_scaling={"rope_type": "yarn", "factor": 2.0})  # original defaults to max_position_embeddings
     assert model.rope_original_max_position == 8192
-    model = imported(rope_scaling={**YARN, "beta_fast": None, "truncate": True, "attention_factor": 0.1 * 0.6931471805599453 + 1})
+    default_factor = 0.1 * math.log(2.0) + 1  # stated explicitly: the same as leaving it out
+    model = imported(rope_scaling={**YARN, "beta_fast": None, "truncate": True, "attention_factor": default_factor})
     assert model.rope_beta_fast == 32.0  # transformers: `beta_fast or 32`
     assert imported(rope_parameters={"rope_type": "default", "rope_theta": 1e6}, rope_theta=1e6).rope_theta == 1e6
 

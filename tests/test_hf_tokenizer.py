@@ -21,7 +21,8 @@ MULTILINGUAL = [
 ]
 
 
-def train_byte_level_bpe(vocab_size=1200, gpt2_regex=False, ignore_merges=False, specials=("<|begin_of_text|>", "<|end_of_text|>")):
+def train_byte_level_bpe(vocab_size=1200, gpt2_regex=False, ignore_merges=False,
+                         specials=("<|begin_of_text|>", "<|end_of_text|>")):
     """A byte-level BPE tokenizer trained by the `tokenizers` library on the corpus and the sample's scripts."""
     from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 
@@ -137,8 +138,10 @@ def test_merges_tiktoken_would_not_make_are_refused(tmp_path):
     (["a b"], ["ab"], {"normalizer": {"type": "NFKC"}}, "normalizer 'NFKC': tiktoken does not normalize text"),
     (["a b"], ["ab"], {"model__type": "WordPiece"}, "model type 'WordPiece': only byte-level BPE converts"),
     (["a b"], ["ab"], {"model__byte_fallback": True}, "model.byte_fallback=True"),
-    (["a b"], ["ab"], {"pre_tokenizer": {"type": "Metaspace", "replacement": "▁"}}, "pre_tokenizer .*Metaspace.* is not a byte-level split"),
-    (["a b"], ["ab"], {"added_tokens": [{"id": 0, "content": "<x>", "special": False}]}, "added token '<x>' .* is not special"),
+    (["a b"], ["ab"], {"pre_tokenizer": {"type": "Metaspace", "replacement": "▁"}},
+     "pre_tokenizer .*Metaspace.* is not a byte-level split"),
+    (["a b"], ["ab"], {"added_tokens": [{"id": 0, "content": "<x>", "special": False}]},
+     "added token '<x>' .* is not special"),
     (["x y"], [], {}, "merge 'x' \\+ 'y' makes no token of the vocab"),
     ([], ["ab"], {}, "token b'ab' \\(id 258\\): its merge is not the one tiktoken's BPE makes"),  # tiktoken makes a + b
     ([], ["abc"], {}, "ignore_merges=false and some tokens have no merge"),  # tiktoken: whole pieces only

@@ -83,8 +83,8 @@ def name_map(n_layers: int) -> dict[str, str]:
 def to_hf_state(weights: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
     mapping = name_map(model.n_layers)
     if set(weights) != set(mapping):
-        raise ConvertError(f"checkpoint parameters do not match model.n_layers={model.n_layers}: "
-                           f"unexpected {sorted(set(weights) - set(mapping))[:3]}, missing {sorted(set(mapping) - set(weights))[:3]}")
+        raise ConvertError(f"checkpoint parameters do not match model.n_layers={model.n_layers}: unexpected "
+                           f"{sorted(set(weights) - set(mapping))[:3]}, missing {sorted(set(mapping) - set(weights))[:3]}")
     state = {}
     for ours, theirs in mapping.items():
         tensor = weights[ours]
@@ -119,7 +119,8 @@ def from_hf_state(hf: dict[str, torch.Tensor], model, tied: bool, source: Path) 
         weights[ours] = tensor.clone(memory_format=torch.contiguous_format)  # tied: its own copy
     leftovers = [name for name in hf if not name.endswith("rotary_emb.inv_freq")]
     if leftovers:
-        raise ConvertError(f"{source}: tensors titanlite has no place for (biases? another architecture?): {leftovers[:5]}")
+        raise ConvertError(f"{source}: tensors titanlite has no place for (biases? another architecture?): "
+                           f"{leftovers[:5]}")
     return weights
 
 
@@ -147,7 +148,8 @@ def export_to_hf(checkpoint: Path, out_dir: Path, dtype: torch.dtype | None = No
     try:
         tokenizer = build_tokenizer(path)
     except TokenizerError as error:
-        raise ConvertError(f"{error} (the checkpoint's tokenizer; to-hf --tokenizer PATH names another copy of it)") from None
+        raise ConvertError(f"{error} (the checkpoint's tokenizer; to-hf --tokenizer PATH names another copy "
+                           "of it)") from None
     if tokenizer.vocab_size > config.model.vocab_size:
         raise ConvertError(f"tokenizer {path} has {tokenizer.vocab_size} ids, more than the model's vocab_size "
                            f"{config.model.vocab_size}: not the tokenizer this model was trained with")

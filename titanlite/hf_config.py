@@ -26,12 +26,13 @@ class HFConfigError(ValueError):
 # Keys that play no part in the forward pass of LlamaForCausalLM (or only its rounding, as
 # pretraining_tp's split matmuls): metadata, token ids, generation and output settings.
 INERT_KEYS = frozenset({
-    "_name_or_path", "architectures", "transformers_version", "torch_dtype", "dtype", "initializer_range",
+    "_name_or_path", "architectures", "transformers_version", "torch_dtype", "dtype",
     "bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id", "decoder_start_token_id", "use_cache",
-    "pretraining_tp", "max_position_embeddings", "output_attentions", "output_hidden_states", "return_dict",
+    "pretraining_tp", "output_attentions", "output_hidden_states", "return_dict",
     "torchscript", "id2label", "label2id", "problem_type", "tokenizer_class", "finetuning_task", "prefix",
     "task_specific_params", "chunk_size_feed_forward", "tf_legacy_loss", "use_bfloat16", "is_encoder_decoder",
-    "max_length", "min_length", "do_sample", "early_stopping", "num_beams", "num_beam_groups", "diversity_penalty",
+    "max_length", "min_length", "do_sample", "early_stopping", "num_beams", "num_beam_groups",
+    "diversity_penalty",
     "temperature", "top_k", "top_p", "typical_p", "repetition_penalty", "length_penalty", "no_repeat_ngram_size",
     "encoder_no_repeat_ngram_size", "bad_words_ids", "num_return_sequences", "output_scores",
     "return_dict_in_generate", "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
@@ -42,7 +43,7 @@ INTERPRETED_KEYS = frozenset({
     "model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "head_dim", "hidden_act", "rms_norm_eps", "vocab_size", "tie_word_embeddings",
     "attention_bias", "mlp_bias", "attention_dropout", "rope_theta", "rope_scaling", "rope_parameters",
-    "partial_rotary_factor", "original_max_position_embeddings",
+    "partial_rotary_factor", "original_max_position_embeddings", "max_position_embeddings", "initializer_range",
     # neutral at their default values, refused otherwise
     "is_decoder", "add_cross_attention", "tie_encoder_decoder", "pruned_heads", "cross_attention_hidden_size",
 })
@@ -64,7 +65,8 @@ def hf_config(config: Config, bos_id: int | None, eos_id: int | None, dtype_name
           "vocab_size": model.vocab_size, "tie_word_embeddings": False, "attention_bias": False,
           "mlp_bias": False, "attention_dropout": 0.0, "initializer_range": model.init_std,
           "max_position_embeddings": context,
-          "bos_token_id": bos_id, "eos_token_id": eos_id, "torch_dtype": dtype_name}
+          "bos_token_id": bos_id, "eos_token_id": eos_id,
+          "dtype": dtype_name, "torch_dtype": dtype_name}  # transformers >= 4.56 reads dtype, older torch_dtype
     scaling = None
     if model.rope_scaling == "yarn":
         scaling = {"rope_type": "yarn", "factor": model.rope_scaling_factor,
@@ -99,7 +101,8 @@ def _rope_parameters(hf: dict) -> dict:
     thetas = {value for value in (new.get("rope_theta"), old.get("rope_theta"), hf.get("rope_theta"))
               if value is not None}
     if len(thetas) > 1:
-        raise HFConfigError(f"rope_theta has several values {sorted(thetas)} (top level and rope_parameters): keep one")
+        raise HFConfigError(f"rope_theta has several values {sorted(thetas)} (top level and rope_parameters): "
+                            "keep one")
     params["rope_theta"] = float(thetas.pop()) if thetas else 10000.0
     return params
 
@@ -117,7 +120,8 @@ def _apply_rope(hf: dict, model: Model) -> None:
     params = _rope_parameters(hf)
     model.rope_theta, kind = params["rope_theta"], params["rope_type"]
     if params.get("partial_rotary_factor", 1.0) != 1.0:
-        raise HFConfigError(f"partial_rotary_factor={params['partial_rotary_factor']}: titanlite rotates the whole head")
+        raise HFConfigError(f"partial_rotary_factor={params['partial_rotary_factor']}: titanlite rotates the "
+                            "whole head")
     model.rope_scaling = "none"
     if kind == "default":
         return

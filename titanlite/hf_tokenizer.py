@@ -121,7 +121,8 @@ def write_hf_tokenizer(bpe: BytePairEncoding, out_dir: Path, model_max_length: i
 
 def _split_pattern(pre_tokenizer: dict | None) -> str:
     """The split regex of a byte-level pre-tokenizer: Split(Regex) then ByteLevel, or ByteLevel alone."""
-    steps = pre_tokenizer.get("pretokenizers", []) if pre_tokenizer and pre_tokenizer["type"] == "Sequence" else [pre_tokenizer]
+    is_sequence = pre_tokenizer and pre_tokenizer.get("type") == "Sequence"
+    steps = pre_tokenizer.get("pretokenizers", []) if is_sequence else [pre_tokenizer]
     kinds = [step and step.get("type") for step in steps]
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True) and not steps[0].get("add_prefix_space"):
         return GPT2_PATTERN
@@ -136,7 +137,10 @@ def _split_pattern(pre_tokenizer: dict | None) -> str:
 def _bos_eos(path: Path, special_tokens: dict[str, int]) -> tuple[str, str]:
     """BOS/EOS as tokenizer_config.json beside the file names them, else by Llama 3's or GPT's names."""
     config_path = path.with_name("tokenizer_config.json")
-    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    try:
+        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    except (OSError, ValueError) as error:
+        raise HFTokenizerError(f"{config_path} beside it is not readable JSON ({error})") from None
     bos, eos = (config.get(key) for key in ("bos_token", "eos_token"))
     bos, eos = (value.get("content") if isinstance(value, dict) else value for value in (bos, eos))
     if eos is None:
@@ -157,11 +161,11 @@ def read_hf_tokenizer(path: Path) -> BytePairEncoding:
     path = Path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        model = data["model"]
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise HFTokenizerError(f"not a tokenizer.json ({error})") from None
-    if model.get("type") != "BPE":
-        raise HFTokenizerError(f"model type {model.get('type')!r}: only byte-level BPE converts")
+        model, kind = data["model"], data["model"].get("type")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise HFTokenizerError(f"not a tokenizer.json ({error!r})") from None
+    if kind != "BPE" or not isinstance(model.get("vocab"), dict):
+        raise HFTokenizerError(f"model type {kind!r}: only byte-level BPE converts")
     for key, neutral in (("dropout", None), ("continuing_subword_prefix", None), ("end_of_word_suffix", None),
                          ("byte_fallback", False)):
         if model.get(key, neutral) not in (neutral, 0.0, ""):
@@ -206,8 +210,11 @@ def _check_merges(model: dict, ranks: dict[bytes, int], byte_of: dict[str, int])
 
     listed = {}
     for merge in model.get("merges", []):
-        a, b = merge.split(" ") if isinstance(merge, str) else merge
-        pair = (to_bytes(a), to_bytes(b))
+        try:
+            a, b = merge.split(" ") if isinstance(merge, str) else merge
+            pair = (to_bytes(a), to_bytes(b))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise HFTokenizerError(f"merge {merge!r} is not two byte-level tokens") from None
         if pair[0] + pair[1] not in ranks:
             raise HFTokenizerError(f"merge {a!r} + {b!r} makes no token of the vocab")
         if pair[0] + pair[1] in listed:
