@@ -1,22 +1,52 @@
-"""HF Llama export/import (names, RoPE layout, safetensors), seed checkpoints."""
+"""HF Llama export/import against transformers (logits, greedy tokens, tokenizer), seed checkpoints."""
 
+import base64
 import json
 import math
-import struct
 
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from titanlite.checkpoint import load_model_weights, save_model_checkpoint
 from titanlite.config import load_config
-from titanlite.convert import (ConvertError, export_to_hf, import_from_hf, load_safetensors, main,
-                               save_safetensors)
+from titanlite.convert import ConvertError, config_of_checkpoint, export_to_hf, import_from_hf, main
+from titanlite.hf_tokenizer import write_hf_tokenizer
 from titanlite.model import build_model
+from titanlite.tokenizer import build_tokenizer
+
+transformers = pytest.importorskip("transformers")
 
 TINY = ["--model.dim", "64", "--model.n_layers", "2", "--model.n_heads", "4", "--model.n_kv_heads", "2",
-        "--model.intermediate_size", "96", "--model.vocab_size", "256", "--training.seq_len", "16",
-        "--training.steps", "1", "--model.rope_theta", "500000"]
+        "--model.intermediate_size", "96", "--model.vocab_size", "2048", "--training.seq_len", "16",
+        "--model.rope_theta", "500000"]
+YARN = ["--model.rope_scaling", "yarn", "--model.rope_scaling_factor", "2", "--model.rope_original_max_position", "64"]
+LLAMA3 = ["--model.rope_scaling", "llama3", "--model.rope_scaling_factor", "8", "--model.rope_original_max_position",
+          "64", "--model.rope_low_freq_factor", "1", "--model.rope_high_freq_factor", "4"]
+MULTILINGUAL = ("def f(x):\n    return {'a': x ** 2}  # 平方\n\n\n\tif x:\r\n        pass  "
+                "日本語のテキスト、中文。한국어 emoji 🦙🔥 👩‍👩‍👧 🇫🇷 tabs\t\tand     spaces   \n\n  "
+                "Ünïcödé ½ 𝔘 I'll 1234567 العربية हिन्दी  ")
+
+
+
+
+def titanlite_model(checkpoint, max_seq_len):
+    """The model a checkpoint holds, in float32 on the CPU, with RoPE tables for max_seq_len positions."""
+    weights, meta = load_model_weights(checkpoint)
+    config = config_of_checkpoint(meta)
+    model = build_model(config.model, max_seq_len, "cpu")
+    model.load_state_dict(weights)
+    model.init_rope()
+    return model.eval(), config
+
+
+def compare_logits(ours: torch.Tensor, theirs: torch.Tensor, bound: float = 1e-4) -> None:
+    """max |delta logit| <= bound, and the greedy token is the same at every position."""
+    delta = (ours - theirs).abs().max().item()
+    assert delta <= bound, f"max |delta logit| = {delta:.3g}"
+    differ = (ours.argmax(-1) != theirs.argmax(-1)).sum().item()
+    assert differ == 0, f"greedy tokens differ at {differ} of {ours.shape[:-1].numel()} positions"
 
 
 @pytest.fixture()
@@ -32,50 +62,25 @@ def checkpoint(tmp_path):
     return save_model_checkpoint(model.state_dict(), tmp_path / "ckpt", 5, config), config
 
 
-def test_safetensors_layout_is_the_documented_one(tmp_path):
-    tensors = {"a": torch.arange(6, dtype=torch.float32).view(2, 3), "b": torch.tensor([1.5, -2.0], dtype=torch.bfloat16),
-               "c": torch.tensor(7, dtype=torch.int64), "d": torch.tensor([True, False]), "e": torch.zeros(0, 4)}
-    path = tmp_path / "x.safetensors"
-    save_safetensors(tensors, path, {"format": "pt"})
-    raw = path.read_bytes()
-    (header_size,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8:8 + header_size])
-    assert header_size % 8 == 0 and header["__metadata__"] == {"format": "pt"}
-    assert header["a"] == {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]}
-    assert header["b"]["dtype"] == "BF16" and header["c"]["shape"] == [] and header["d"]["dtype"] == "BOOL"
-    data = raw[8 + header_size:]
-    assert data[0:24] == struct.pack("<6f", 0, 1, 2, 3, 4, 5)
-    start, end = header["b"]["data_offsets"]
-    assert data[start:end] == bytes([0xC0, 0x3F, 0x00, 0xC0])  # bf16 1.5 = 0x3FC0, -2.0 = 0xC000, little-endian
-    assert len(data) == header["e"]["data_offsets"][1]  # no gaps, nothing after the last tensor
-    loaded = load_safetensors(path)
-    for name, tensor in tensors.items():
-        assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor), name
+# --- export ----------------------------------------------------------------------------------
 
-
-def test_truncated_safetensors_is_rejected(tmp_path):
-    path = tmp_path / "x.safetensors"
-    save_safetensors({"w": torch.ones(100)}, path)
-    path.write_bytes(path.read_bytes()[:-10])
-    with pytest.raises(ConvertError, match="x.safetensors: tensor w points outside the file"):
-        load_safetensors(path)
-
-
-def test_round_trip_is_bitwise_exact(checkpoint, tmp_path):
-    path, config = checkpoint
+@pytest.mark.parametrize("rope", [[], YARN, LLAMA3], ids=["plain", "yarn", "llama3"])
+def test_round_trip_is_bitwise_exact(tmp_path, rope):
+    config = load_config(None, TINY + rope)
+    model = build_model(config.model, 16, "cpu")
+    model.init_weights(seed=3)
+    path = save_model_checkpoint(model.state_dict(), tmp_path / "ckpt", 5, config)
     main(["to-hf", str(path), str(tmp_path / "hf")])
-    hf_config = json.loads((tmp_path / "hf" / "config.json").read_text())
-    assert hf_config["num_key_value_heads"] == 2 and hf_config["rope_theta"] == 500000
-    assert "model.layers.1.self_attn.q_proj.weight" in load_safetensors(tmp_path / "hf" / "model.safetensors")
-    imported = import_from_hf(tmp_path / "hf", tmp_path / "back", load_config(None))
+    assert "model.layers.1.self_attn.q_proj.weight" in load_file(tmp_path / "hf" / "model.safetensors")
+    back = import_from_hf(tmp_path / "hf", tmp_path / "back", load_config(None))
     original, _ = load_model_weights(path)
-    restored, meta = load_model_weights(imported)
-    assert meta["model_only"] and meta["config"]["model"]["n_kv_heads"] == 2
-    assert original.keys() == restored.keys()
-    for name in original:
-        assert torch.equal(original[name], restored[name]), name
+    restored, meta = load_model_weights(back)
+    assert meta["model_only"] and original.keys() == restored.keys()
+    assert all(torch.equal(original[name], restored[name]) for name in original)
+    assert meta["config"]["model"] == config.to_dict()["model"]  # every [model] field, RoPE scaling included
+    assert meta["config"]["tokenizer"]["path"] == str((tmp_path / "hf" / "tokenizer.json").resolve())
     # Sharded: several files and an index, the same tensors.
-    export_to_hf(path, tmp_path / "sharded", max_shard_bytes=40_000)
+    export_to_hf(path, tmp_path / "sharded", max_shard_bytes=100_000)
     index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
     resharded = import_from_hf(tmp_path / "sharded", tmp_path / "back2", load_config(None))
@@ -113,50 +118,189 @@ def hf_llama_reference(hf: dict[str, torch.Tensor], config: dict, tokens: torch.
         attention = (scores.softmax(-1) @ v).transpose(1, 2).reshape(1, seq, -1)
         x = x + attention @ w[p + "self_attn.o_proj.weight"].T
         h = norm(x, w[p + "post_attention_layernorm.weight"])
-        x = x + (F.silu(h @ w[p + "mlp.gate_proj.weight"].T) * (h @ w[p + "mlp.up_proj.weight"].T)) @ w[p + "mlp.down_proj.weight"].T
+        gated = F.silu(h @ w[p + "mlp.gate_proj.weight"].T) * (h @ w[p + "mlp.up_proj.weight"].T)
+        x = x + gated @ w[p + "mlp.down_proj.weight"].T
     return norm(x, w["model.norm.weight"]) @ w["lm_head.weight"].T
 
 
-def test_export_computes_what_hf_llama_computes(checkpoint, tmp_path):
-    path, config = checkpoint
+def test_export_computes_what_hf_llama_computes_in_float64(checkpoint, tmp_path):
+    path, _ = checkpoint
     export_to_hf(path, tmp_path / "hf")
-    hf = load_safetensors(tmp_path / "hf" / "model.safetensors")
+    hf = load_file(tmp_path / "hf" / "model.safetensors")
     hf_config = json.loads((tmp_path / "hf" / "config.json").read_text())
-    model = build_model(config.model, config.training.seq_len, "cpu")
-    model.load_state_dict(load_model_weights(path)[0])
-    model.init_rope()
-    tokens = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(0))
+    model, _ = titanlite_model(path, 64)
+    model.double().init_rope()  # float64 tables, rotation and norms: no float32 rounding left
+    tokens = torch.randint(0, 2048, (1, 64), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        ours = model.double()(tokens)
-    reference = hf_llama_reference(hf, hf_config, tokens)
-    torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-6)  # fp32 RoPE tables in ours
+        torch.testing.assert_close(model(tokens), hf_llama_reference(hf, hf_config, tokens), rtol=1e-10, atol=1e-10)
 
 
-def test_transformers_llama_gives_the_same_logits(checkpoint, tmp_path):
-    transformers = pytest.importorskip("transformers")
-    path, config = checkpoint
+def test_export_is_complete_for_transformers(checkpoint, tmp_path):
+    path, _ = checkpoint
     export_to_hf(path, tmp_path / "hf")
-    hf_model = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "hf"), torch_dtype=torch.float32).eval()
-    model = build_model(config.model, config.training.seq_len, "cpu")
-    model.load_state_dict(load_model_weights(path)[0])
-    model.init_rope()
-    tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    tokenizer = build_tokenizer("default")
+    hf_config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert (hf_config["bos_token_id"], hf_config["eos_token_id"]) == (tokenizer.bos_id, tokenizer.eos_id)
+    assert (generation["bos_token_id"], generation["eos_token_id"]) == (tokenizer.bos_id, tokenizer.eos_id)
+    hf_model = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32)
+    assert hf_model.generation_config.eos_token_id == tokenizer.eos_id
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    assert (hf_tokenizer.bos_token_id, hf_tokenizer.eos_token_id) == (tokenizer.bos_id, tokenizer.eos_id)
+    ids = tokenizer.encode(MULTILINGUAL)
+    assert hf_tokenizer(MULTILINGUAL)["input_ids"] == ids  # no BOS added: as titanlite's documents
+    assert hf_tokenizer.decode(ids) == MULTILINGUAL
+    assert hf_tokenizer.decode([tokenizer.eos_id]) == "<|end_of_text|>"
+
+
+def test_exported_llama3_style_tokenizer_loads_in_autotokenizer(tmp_path):
+    special_tokens = 256
+    ranks = [bytes([b]) for b in range(256)] + [b"ab", b"abc", b" x", "日本".encode(), b"\n\n"]
+    bpe_file = tmp_path / "tokenizer.model"
+    bpe_file.write_text("".join(f"{base64.b64encode(t).decode()} {rank}\n" for rank, t in enumerate(ranks)))
+    tokenizer = build_tokenizer(str(bpe_file), num_special_tokens=special_tokens)
+    write_hf_tokenizer(tokenizer.byte_pair_encoding(), tmp_path / "hf", model_max_length=4096)
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    assert len(hf_tokenizer) == tokenizer.vocab_size == 261 + special_tokens
+    for text in (MULTILINGUAL, "abc ab x 日本\n\n\n"):
+        assert hf_tokenizer(text)["input_ids"] == tokenizer.encode(text)
+        assert hf_tokenizer.decode(tokenizer.encode(text)) == text
+    assert hf_tokenizer.convert_tokens_to_ids("<|eot_id|>") == 261 + 9
+
+
+@pytest.fixture(scope="module")
+def trained_debug_checkpoint(tmp_path_factory):
+    """The debug model (dim 256, 4 layers, 8 heads over 4 KV heads, default tokenizer) after 12 steps."""
+    from titanlite.train import train
+
+    folder = tmp_path_factory.mktemp("debug")
+    config = load_config("debug_model", [
+        "--training.steps", "12", "--job.dump_folder", str(folder), "--checkpoint.enable", "true",
+        "--metrics.enable_tensorboard", "false", "--data.default_num_documents", "500", "--training.seq_len", "128",
+        "--training.micro_batch_size", "2", "--training.global_batch_tokens", "256",
+        "--lr_schedule.warmup_tokens", "768"])
+    records = train(config)
+    assert records[-1]["loss"] < records[0]["loss"] - 2  # trained: far from the uniform 7.6
+    return folder / "checkpoint" / "step-00000012"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rope", [{}, {"rope_scaling": "yarn", "rope_scaling_factor": 2.0,
+                                       "rope_original_max_position": 4096}], ids=["plain", "yarn"])
+def test_trained_debug_model_runs_the_same_in_transformers(trained_debug_checkpoint, tmp_path, rope):
+    """Issue 11 (a): logits within 1e-4 in float32 and equal greedy tokens at positions 0..8191."""
+    weights, meta = load_model_weights(trained_debug_checkpoint)
+    config = load_config("debug_model", ["--model.vocab_size", str(meta["config"]["model"]["vocab_size"])])
+    for key, value in rope.items():
+        setattr(config.model, key, value)
+    checkpoint = save_model_checkpoint(weights, tmp_path / "ckpt", 12, config)
+    export_to_hf(checkpoint, tmp_path / "hf")
+    model, _ = titanlite_model(checkpoint, 8192)
+    hf_model = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
+    tokens = torch.tensor([build_tokenizer("default").encode(MULTILINGUAL * 80)[:8192]])
+    assert tokens.shape == (1, 8192)
     with torch.no_grad():
-        torch.testing.assert_close(model(tokens), hf_model(tokens).logits, rtol=1e-4, atol=1e-4)
+        compare_logits(model(tokens), hf_model(tokens).logits)
 
 
-def test_bad_hf_input_is_rejected(checkpoint, tmp_path):
+# --- import ----------------------------------------------------------------------------------
+
+def old_layout(hf: dict, type_key: str = "rope_type") -> dict:
+    """config.json as transformers < 5 wrote it: rope_theta and rope_scaling at the top level."""
+    hf = dict(hf)
+    params = dict(hf.pop("rope_parameters"))
+    hf["rope_theta"] = params.pop("rope_theta")
+    kind = params.pop("rope_type")
+    hf["rope_scaling"] = None if kind == "default" else {type_key: kind, **params}
+    return hf
+
+
+HF_CASES = {
+    "theta-500k": dict(rope_parameters={"rope_type": "default", "rope_theta": 500000.0}),
+    "yarn": dict(rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0,
+                                  "original_max_position_embeddings": 32, "beta_fast": 16.0, "beta_slow": 2.0}),
+    "llama3": dict(rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                    "original_max_position_embeddings": 32, "low_freq_factor": 1.0,
+                                    "high_freq_factor": 4.0}),
+    "tied": dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, tie_word_embeddings=True),
+}
+
+
+@pytest.mark.parametrize("layout", ["transformers-5", "transformers-4"])
+@pytest.mark.parametrize("case", sorted(HF_CASES))
+def test_import_random_hf_llama_computes_what_transformers_computes(tmp_path, case, layout):
+    """Issue 11 (b): both config layouts; positions past the original context, so scaling matters."""
+    torch.manual_seed(0)
+    hf_config = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=2048,
+                                         max_position_embeddings=256, initializer_range=0.05, **HF_CASES[case])
+    hf_model = transformers.LlamaForCausalLM(hf_config).eval()
+    hf_model.save_pretrained(tmp_path / "hf", max_shard_size="100KB")  # sharded: several files and an index
+    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
+    if layout == "transformers-4":
+        path = tmp_path / "hf" / "config.json"
+        path.write_text(json.dumps(old_layout(json.loads(path.read_text()), "type" if case == "yarn" else "rope_type")))
+    imported = import_from_hf(tmp_path / "hf", tmp_path / "out", load_config(None))
+    model, config = titanlite_model(imported, 256)
+    kind = HF_CASES[case]["rope_parameters"]["rope_type"]
+    assert config.model.rope_scaling == {"default": "none"}.get(kind, kind)
+    assert config.model.rope_theta == HF_CASES[case]["rope_parameters"]["rope_theta"]
+    tokens = torch.randint(0, 2048, (2, 256), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        compare_logits(model(tokens), hf_model(tokens).logits)
+
+
+def test_import_takes_the_folders_tokenizer_or_refuses_it(tmp_path, capsys):
+    torch.manual_seed(0)
+    hf_config = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                         num_attention_heads=4, vocab_size=2048)
+    transformers.LlamaForCausalLM(hf_config).save_pretrained(tmp_path / "hf")
+    import_from_hf(tmp_path / "hf", tmp_path / "out", load_config(None))
+    assert "has no tokenizer.json; the checkpoint records tokenizer.path=default" in capsys.readouterr().err
+    write_hf_tokenizer(build_tokenizer("default").byte_pair_encoding(), tmp_path / "hf", model_max_length=64)
+    _, meta = load_model_weights(import_from_hf(tmp_path / "hf", tmp_path / "out2", load_config(None)))
+    assert meta["config"]["tokenizer"]["path"] == str((tmp_path / "hf" / "tokenizer.json").resolve())
+    tokenizer_json = json.loads((tmp_path / "hf" / "tokenizer.json").read_text())
+    tokenizer_json["normalizer"] = {"type": "NFC"}
+    (tmp_path / "hf" / "tokenizer.json").write_text(json.dumps(tokenizer_json))
+    with pytest.raises(ConvertError, match="tokenizer.json: normalizer 'NFC'.*pass --tokenizer.path"):
+        import_from_hf(tmp_path / "hf", tmp_path / "out3", load_config(None))
+
+
+def test_bad_hf_input_is_refused_in_one_line(checkpoint, tmp_path, capsys):
     path, _ = checkpoint
     export_to_hf(path, tmp_path / "hf")
     config_path = tmp_path / "hf" / "config.json"
-    hf_config = json.loads(config_path.read_text())
-    config_path.write_text(json.dumps({**hf_config, "attention_bias": True}))
-    with pytest.raises(ConvertError, match="attention_bias=true"):
-        import_from_hf(tmp_path / "hf", tmp_path / "out", load_config(None))
-    config_path.write_text(json.dumps({**hf_config, "num_hidden_layers": 3}))
+    good = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**good, "attention_bias": True}))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["from-hf", str(tmp_path / "hf"), str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == ("titanlite.convert: " + str(config_path) + ": attention_bias=True: titanlite's "
+                                       "Llama computes attention_bias=False only\n")
+    config_path.write_text(json.dumps({**good, "num_hidden_layers": 3}))
     with pytest.raises(ConvertError, match="no tensor 'model.layers.2.self_attn.q_proj.weight'"):
         import_from_hf(tmp_path / "hf", tmp_path / "out", load_config(None))
-    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    config_path.write_text(json.dumps({**good, "intermediate_size": 128}))
+    with pytest.raises(ConvertError, match=r"gate_proj.weight has shape \[96, 64\], config.json implies \[128, 64\]"):
+        import_from_hf(tmp_path / "hf", tmp_path / "out", load_config(None))
+    config_path.write_text(json.dumps(good))
+    weights = tmp_path / "hf" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])
+    with pytest.raises(ConvertError, match="model.safetensors: not a readable safetensors file"):
+        import_from_hf(tmp_path / "hf", tmp_path / "out", load_config(None))
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_export_names_a_missing_tokenizer(tmp_path):
+    config = load_config(None, TINY + ["--tokenizer.path", str(tmp_path / "gone.tiktoken")])
+    model = build_model(config.model, 16, "cpu")
+    model.init_weights(seed=0)
+    path = save_model_checkpoint(model.state_dict(), tmp_path / "ckpt", 1, config)
+    with pytest.raises(ConvertError, match="gone.tiktoken does not exist.*to-hf --tokenizer PATH"):
+        export_to_hf(path, tmp_path / "hf")
+    export_to_hf(path, tmp_path / "hf", tokenizer_path="default")
+    assert (tmp_path / "hf" / "tokenizer.json").is_file()
 
 
 def test_seed_checkpoint_holds_the_initial_weights(tmp_path, capsys):

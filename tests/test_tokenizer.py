@@ -135,6 +135,20 @@ def test_missing_file_and_gaps(tmp_path):
         build_tokenizer(str(no_bytes))
 
 
+def test_local_file_is_read_afresh_not_from_tiktokens_cache(tmp_path, monkeypatch):
+    # tiktoken's loader caches local files under a key made from the path: a tokenizer retrained
+    # at the same path would load the old vocabulary.
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "cache"))
+    path = tmp_path / "retrained.tiktoken"
+    write_bpe_file(path, [b"ab"])
+    first = build_tokenizer(str(path), num_special_tokens=8)
+    assert first.encode("ab ba") == [256, 32, 98, 97]
+    write_bpe_file(path, [b"ba"])
+    second = build_tokenizer(str(path), num_special_tokens=8)
+    assert second.encode("ab ba") == [97, 98, 32, 256]
+    assert second.fingerprint != first.fingerprint
+
+
 def test_named_encoding_not_cached_fails_without_network(tmp_path, monkeypatch):
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
     requests = pytest.importorskip("requests")

@@ -62,11 +62,18 @@ class Model:
     vocab_size: int = setting(0, "0 = the tokenizer's vocabulary padded to tokenizer.vocab_multiple", ge=0)
     norm_eps: float = setting(1e-5, "RMSNorm epsilon", gt=0)
     rope_theta: float = setting(10000.0, "RoPE base", gt=0)
-    rope_scaling: str = setting("none", "RoPE scaling for a longer context", choices=("none", "yarn"))
-    rope_scaling_factor: float = setting(1.0, "YaRN: target context / original context", ge=1)
-    rope_original_max_position: int = setting(4096, "YaRN: context the base RoPE was designed for", gt=0)
-    rope_beta_fast: float = setting(32.0, "YaRN ramp: rotations above this are not interpolated", gt=0)
-    rope_beta_slow: float = setting(1.0, "YaRN ramp: rotations below this are fully interpolated", gt=0)
+    rope_scaling: str = setting("none", "RoPE scaling for a longer context: yarn, or llama3 (Llama 3.1/3.2), as "
+                                        "Hugging Face computes them", choices=("none", "yarn", "llama3"))
+    rope_scaling_factor: float = setting(1.0, "YaRN, llama3: target context / original context", ge=1)
+    rope_original_max_position: int = setting(4096, "YaRN, llama3: context the base RoPE was designed for", gt=0)
+    rope_beta_fast: float = setting(32.0, "YaRN ramp: pairs up to the one turning this many times are not "
+                                          "interpolated", gt=0)
+    rope_beta_slow: float = setting(1.0, "YaRN ramp: pairs from the one turning this many times on are fully "
+                                         "interpolated", gt=0)
+    rope_low_freq_factor: float = setting(1.0, "llama3: pairs turning fewer times than this are fully "
+                                               "interpolated", gt=0)
+    rope_high_freq_factor: float = setting(4.0, "llama3: pairs turning more times than this are not interpolated",
+                                           gt=0)
     attention: str = setting("sdpa", "sdpa: causal, crosses documents; flex: FlexAttention document mask",
                              choices=("sdpa", "flex"))
     positions: str = setting("sequence", "RoPE positions: 0..seq_len-1, or restarting at each document",
@@ -78,7 +85,8 @@ class Model:
 
 @dataclass
 class Tokenizer:
-    path: str = setting("default", "default | tiktoken:<encoding name> | path to a tiktoken BPE file")
+    path: str = setting("default", "default | tiktoken:<encoding name> | path to a tiktoken BPE file or an HF "
+                                   "byte-level BPE tokenizer.json")
     vocab_multiple: int = setting(128, "pad the model vocabulary up to a multiple of this", gt=0)
 
 
@@ -389,6 +397,12 @@ def validate(config: Config) -> None:
         raise ConfigError(f"model.dim/model.n_heads={head_dim}: RoPE needs an even head dim")
     if model.n_heads % model.n_kv_heads:
         raise ConfigError(f"model.n_kv_heads={model.n_kv_heads}: must divide model.n_heads={model.n_heads}")
+    if model.rope_scaling == "yarn" and not model.rope_beta_slow < model.rope_beta_fast:
+        raise ConfigError(f"model.rope_beta_slow={model.rope_beta_slow}, model.rope_beta_fast={model.rope_beta_fast}: "
+                          "YaRN needs rope_beta_slow < rope_beta_fast")
+    if model.rope_scaling == "llama3" and not model.rope_low_freq_factor < model.rope_high_freq_factor:
+        raise ConfigError(f"model.rope_low_freq_factor={model.rope_low_freq_factor}, model.rope_high_freq_factor="
+                          f"{model.rope_high_freq_factor}: llama3 needs rope_low_freq_factor < rope_high_freq_factor")
     if 0 < model.attention_head_dim < head_dim:
         raise ConfigError(f"model.attention_head_dim={model.attention_head_dim}: must be 0 (auto) or >= the head "
                           f"dim {head_dim}")
@@ -482,24 +496,14 @@ def padded_vocab_size(vocab_size: int, multiple: int) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
-def resolve(config: Config, world_size: int, tokenizer_vocab_size: int, device_type: str = "cpu",
-            attention_head_dim: int | None = None) -> Run:
-    """Every derived value of the run, computed once; `config` itself is left unchanged.
+def concrete_config(config: Config, tokenizer_vocab_size: int, attention_head_dim: int | None = None) -> Config:
+    """A validated copy of `config` with model.vocab_size and model.attention_head_dim made concrete.
 
     tokenizer_vocab_size: ids the tokenizer can produce (model.vocab_size = 0 pads it to a multiple
     of tokenizer.vocab_multiple). attention_head_dim: what the start-up kernel probe chose
     (attention.choose_attention_head_dim); None keeps model.attention_head_dim, 0 = the true head dim.
     """
-    replicate, shard, tensor = data_parallel_shape(config.parallelism, world_size)
-    dp, train, model = replicate * shard, config.training, config.model
-    tokens_per_micro_batch = train.micro_batch_size * train.seq_len
-    if train.global_batch_tokens % (tokens_per_micro_batch * dp):
-        raise ConfigError(
-            f"training.global_batch_tokens={train.global_batch_tokens}: must be a multiple of "
-            f"micro_batch_size {train.micro_batch_size} x seq_len {train.seq_len} x data-parallel degree {dp} "
-            f"= {tokens_per_micro_batch * dp}")
-    if train.total_tokens == 0 and train.steps == 0:
-        raise ConfigError("training.total_tokens=0 and training.steps=0: set one of them")
+    model = config.model
     vocab_size = model.vocab_size or padded_vocab_size(tokenizer_vocab_size, config.tokenizer.vocab_multiple)
     if vocab_size < tokenizer_vocab_size:
         raise ConfigError(f"model.vocab_size={model.vocab_size} is smaller than the tokenizer's "
@@ -509,6 +513,37 @@ def resolve(config: Config, world_size: int, tokenizer_vocab_size: int, device_t
     resolved.model.vocab_size = vocab_size
     resolved.model.attention_head_dim = head_dim or model.dim // model.n_heads
     validate(resolved)
+    return resolved
+
+
+def config_from_dict(record: dict) -> Config:
+    """The Config a run folder's config.json or a checkpoint's meta.json recorded (Config.to_dict() or
+    Run.to_dict()); settings added since keep today's defaults, settings since removed are ignored."""
+    config = Config()
+    for section in dataclasses.fields(Config):
+        values = getattr(config, section.name)
+        for key, value in record.get(section.name, {}).items():
+            if key in values.__dataclass_fields__:
+                setattr(values, key, value)
+    validate(config)
+    return config
+
+
+def resolve(config: Config, world_size: int, tokenizer_vocab_size: int, device_type: str = "cpu",
+            attention_head_dim: int | None = None) -> Run:
+    """Every derived value of the run, computed once; `config` itself is left unchanged.
+    tokenizer_vocab_size and attention_head_dim: see concrete_config."""
+    replicate, shard, tensor = data_parallel_shape(config.parallelism, world_size)
+    dp, train = replicate * shard, config.training
+    tokens_per_micro_batch = train.micro_batch_size * train.seq_len
+    if train.global_batch_tokens % (tokens_per_micro_batch * dp):
+        raise ConfigError(
+            f"training.global_batch_tokens={train.global_batch_tokens}: must be a multiple of "
+            f"micro_batch_size {train.micro_batch_size} x seq_len {train.seq_len} x data-parallel degree {dp} "
+            f"= {tokens_per_micro_batch * dp}")
+    if train.total_tokens == 0 and train.steps == 0:
+        raise ConfigError("training.total_tokens=0 and training.steps=0: set one of them")
+    resolved = concrete_config(config, tokenizer_vocab_size, attention_head_dim)
     total_steps = train.steps or max(1, steps_for_tokens(train.total_tokens, train.global_batch_tokens))
     return Run(
         config=resolved, world_size=world_size, replicate=replicate, shard=shard, tensor=tensor,

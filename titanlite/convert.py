@@ -1,41 +1,42 @@
 """Checkpoint conversion: to and from Hugging Face Llama format, and seed checkpoints.
 
-    python -m titanlite.convert to-hf   CHECKPOINT OUT_DIR [--dtype bfloat16]
+    python -m titanlite.convert to-hf   CHECKPOINT OUT_DIR [--dtype bfloat16] [--tokenizer PATH]
     python -m titanlite.convert from-hf HF_DIR OUT_FOLDER [--config NAME] [--section.key value ...]
     python -m titanlite.convert seed    OUT_FOLDER --config NAME [--section.key value ...]
 
-to-hf writes config.json + safetensors (sharded with model.safetensors.index.json when large)
-with HF parameter names. from-hf and seed write a model-only titanlite checkpoint
-OUT_FOLDER/step-00000000 for `checkpoint.initial_load_path`. A seed checkpoint is initialized by
-one process on the CPU, so every parallel layout starts from the same weights.
+to-hf writes what `LlamaForCausalLM` and `AutoTokenizer.from_pretrained` load: config.json (both
+RoPE layouts, bos/eos ids; titanlite/hf_config.py), generation_config.json, safetensors (sharded
+with model.safetensors.index.json when large) with HF parameter names, and the tokenizer as
+tokenizer.json + tokenizer_config.json (titanlite/hf_tokenizer.py). from-hf and seed write a
+model-only titanlite checkpoint OUT_FOLDER/step-00000000 for `checkpoint.initial_load_path`;
+from-hf also points tokenizer.path at the folder's tokenizer.json when there is one. A seed
+checkpoint is initialized by one process on the CPU, so every parallel layout starts from the
+same weights.
 
 RoPE layout: titanlite rotates interleaved pairs (x[2i], x[2i+1]) (the original LLaMA code);
 HF's LlamaAttention rotates halves (x[i], x[i + head_dim/2]). Attention scores are unchanged if
 the rows of wq and wk are permuted within each head: pair i component j moves to row
 j * head_dim/2 + i. The permutation only moves values, so a round trip is bitwise exact.
-
-Safetensors is written and read here (8-byte little-endian header length, a JSON header,
-raw little-endian bytes): the format is small and documented, and `safetensors` is not a
-dependency of titanlite.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import struct
 import sys
 from pathlib import Path
 
 import torch
+from huggingface_hub import save_torch_state_dict
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from titanlite.checkpoint import CheckpointError, load_model_weights, save_model_checkpoint
-from titanlite.config import Config, ConfigError, load_config
+from titanlite.config import Config, ConfigError, concrete_config, config_from_dict, load_config
+from titanlite.hf_config import HFConfigError, apply_hf_config, hf_config
+from titanlite.hf_tokenizer import write_hf_tokenizer
+from titanlite.tokenizer import TokenizerError, build_tokenizer
 
-SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-                      torch.uint8: "U8", torch.bool: "BOOL"}
-TORCH_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
 # titanlite name -> HF name; {i} is the block index.
 HF_NAMES = {
     "tok_embeddings.weight": "model.embed_tokens.weight",
@@ -55,55 +56,6 @@ HF_NAMES = {
 
 class ConvertError(ValueError):
     """Input that cannot be converted; the message names the file and the problem."""
-
-
-# --- safetensors -------------------------------------------------------------------------------
-
-def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """Write `tensors` (any device; contiguous copies are made) to one .safetensors file."""
-    if sys.byteorder != "little":
-        raise ConvertError("safetensors stores little-endian bytes; this machine is big-endian")
-    header, offset = {}, 0
-    for name, tensor in tensors.items():
-        size = tensor.numel() * tensor.element_size()
-        header[name] = {"dtype": SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
-                        "data_offsets": [offset, offset + size]}
-        offset += size
-    if metadata:
-        header["__metadata__"] = metadata
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
-    with open(path, "wb") as file:
-        file.write(struct.pack("<Q", len(encoded)))
-        file.write(encoded)
-        for tensor in tensors.values():
-            file.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-
-
-def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    path = Path(path)
-    try:
-        with open(path, "rb") as file:
-            (header_size,) = struct.unpack("<Q", file.read(8))
-            header = json.loads(file.read(header_size))
-            data = bytearray(file.read())
-    except (OSError, struct.error, ValueError) as error:
-        raise ConvertError(f"{path}: not a readable safetensors file ({error})") from None
-    header.pop("__metadata__", None)
-    tensors = {}
-    for name, entry in header.items():
-        start, end = entry["data_offsets"]
-        dtype, shape = TORCH_DTYPES.get(entry["dtype"]), entry["shape"]
-        if dtype is None:
-            raise ConvertError(f"{path}: tensor {name} has unsupported dtype {entry['dtype']}")
-        numel = 1
-        for size in shape:
-            numel *= size
-        if end > len(data) or end - start != numel * torch.empty((), dtype=dtype).element_size():
-            raise ConvertError(f"{path}: tensor {name} points outside the file or has the wrong size (truncated?)")
-        flat = torch.frombuffer(data, dtype=dtype, count=numel, offset=start) if numel else torch.empty(0, dtype=dtype)
-        tensors[name] = flat.view(shape)
-    return tensors
 
 
 # --- RoPE layout and names -------------------------------------------------------------------
@@ -131,8 +83,8 @@ def name_map(n_layers: int) -> dict[str, str]:
 def to_hf_state(weights: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
     mapping = name_map(model.n_layers)
     if set(weights) != set(mapping):
-        raise ConvertError(f"checkpoint parameters do not match model.n_layers={model.n_layers}: "
-                           f"unexpected {sorted(set(weights) - set(mapping))[:3]}, missing {sorted(set(mapping) - set(weights))[:3]}")
+        raise ConvertError(f"checkpoint parameters do not match model.n_layers={model.n_layers}: unexpected "
+                           f"{sorted(set(weights) - set(mapping))[:3]}, missing {sorted(set(mapping) - set(weights))[:3]}")
     state = {}
     for ours, theirs in mapping.items():
         tensor = weights[ours]
@@ -144,141 +96,128 @@ def to_hf_state(weights: dict[str, torch.Tensor], model) -> dict[str, torch.Tens
     return state
 
 
-def from_hf_state(hf: dict[str, torch.Tensor], model, source: Path) -> dict[str, torch.Tensor]:
+def from_hf_state(hf: dict[str, torch.Tensor], model, tied: bool, source: Path) -> dict[str, torch.Tensor]:
+    """titanlite weights from HF tensors; `tied`: the head is the embedding (HF ignores a stored lm_head then)."""
+    from titanlite.model import build_model
+
     hf = dict(hf)
-    if "lm_head.weight" not in hf and "model.embed_tokens.weight" in hf:  # tied embeddings: untie
-        hf["lm_head.weight"] = hf["model.embed_tokens.weight"].clone()
+    if tied and "model.embed_tokens.weight" in hf:
+        hf["lm_head.weight"] = hf["model.embed_tokens.weight"]
+    shapes = {name: tensor.shape for name, tensor in build_model(model, 1).state_dict().items()}  # meta: no memory
     weights = {}
     for ours, theirs in name_map(model.n_layers).items():
         if theirs not in hf:
             raise ConvertError(f"{source}: no tensor {theirs!r} (needed for {ours})")
         tensor = hf.pop(theirs)
+        if tensor.shape != shapes[ours]:
+            raise ConvertError(f"{source}: {theirs} has shape {list(tensor.shape)}, config.json implies "
+                               f"{list(shapes[ours])}")
         if ours.endswith("attention.wq.weight"):
             tensor = halves_to_interleaved(tensor, model.n_heads)
         elif ours.endswith("attention.wk.weight"):
             tensor = halves_to_interleaved(tensor, model.n_kv_heads)
-        weights[ours] = tensor.clone(memory_format=torch.contiguous_format)  # off the file buffer
+        weights[ours] = tensor.clone(memory_format=torch.contiguous_format)  # tied: its own copy
     leftovers = [name for name in hf if not name.endswith("rotary_emb.inv_freq")]
     if leftovers:
-        raise ConvertError(f"{source}: tensors titanlite has no place for (biases? another architecture?): {leftovers[:5]}")
+        raise ConvertError(f"{source}: tensors titanlite has no place for (biases? another architecture?): "
+                           f"{leftovers[:5]}")
     return weights
-
-
-# --- config.json -----------------------------------------------------------------------------
-
-def hf_config(config: Config, dtype: torch.dtype) -> dict:
-    model = config.model
-    hf = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": model.dim,
-          "intermediate_size": model.intermediate_size, "num_hidden_layers": model.n_layers,
-          "num_attention_heads": model.n_heads, "num_key_value_heads": model.n_kv_heads,
-          "head_dim": model.dim // model.n_heads, "hidden_act": "silu", "rms_norm_eps": model.norm_eps,
-          "rope_theta": model.rope_theta, "vocab_size": model.vocab_size, "tie_word_embeddings": False,
-          "attention_bias": False, "mlp_bias": False, "initializer_range": model.init_std,
-          "max_position_embeddings": config.training.seq_len, "torch_dtype": str(dtype).removeprefix("torch.")}
-    if model.rope_scaling == "yarn":
-        hf["rope_scaling"] = {"rope_type": "yarn", "factor": model.rope_scaling_factor,
-                              "original_max_position_embeddings": model.rope_original_max_position,
-                              "beta_fast": model.rope_beta_fast, "beta_slow": model.rope_beta_slow}
-    return hf
-
-
-def apply_hf_config(hf: dict, config: Config, source: Path) -> None:
-    """Set config.model from an HF Llama config.json; ConvertError for what titanlite cannot express."""
-    if hf.get("model_type") not in ("llama", None):
-        raise ConvertError(f"{source}: model_type={hf.get('model_type')!r}, only 'llama' converts")
-    for key in ("attention_bias", "mlp_bias"):
-        if hf.get(key):
-            raise ConvertError(f"{source}: {key}=true; titanlite's Llama has no biases")
-    if hf.get("hidden_act", "silu") != "silu":
-        raise ConvertError(f"{source}: hidden_act={hf['hidden_act']!r}; titanlite uses SwiGLU (silu)")
-    model = config.model
-    model.dim, model.n_layers = hf["hidden_size"], hf["num_hidden_layers"]
-    model.n_heads = hf["num_attention_heads"]
-    model.n_kv_heads = hf.get("num_key_value_heads") or model.n_heads
-    model.intermediate_size, model.vocab_size = hf["intermediate_size"], hf["vocab_size"]
-    model.norm_eps, model.rope_theta = hf.get("rms_norm_eps", 1e-6), hf.get("rope_theta", 10000.0)
-    if hf.get("head_dim", model.dim // model.n_heads) != model.dim // model.n_heads:
-        raise ConvertError(f"{source}: head_dim={hf['head_dim']} != hidden_size / num_attention_heads")
-    scaling = hf.get("rope_scaling") or {}
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
-    if kind == "yarn":
-        model.rope_scaling, model.rope_scaling_factor = "yarn", float(scaling["factor"])
-        model.rope_original_max_position = int(scaling.get("original_max_position_embeddings",
-                                                            hf.get("max_position_embeddings", 4096)))
-        model.rope_beta_fast = float(scaling.get("beta_fast", 32.0))
-        model.rope_beta_slow = float(scaling.get("beta_slow", 1.0))
-    elif kind != "default":
-        raise ConvertError(f"{source}: rope_scaling type {kind!r} is not supported (none or yarn)")
 
 
 # --- commands --------------------------------------------------------------------------------
 
+def config_of_checkpoint(meta: dict) -> Config:
+    """The config a checkpoint was trained with (its meta.json), on today's defaults for newer fields."""
+    return config_from_dict(meta["config"])
+
+
 def export_to_hf(checkpoint: Path, out_dir: Path, dtype: torch.dtype | None = None,
-                 max_shard_bytes: int = 5 * 2**30) -> Path:
-    """Write `checkpoint` (any complete titanlite checkpoint) as an HF Llama folder; returns it."""
+                 max_shard_bytes: int = 5 * 2**30, tokenizer_path: str | None = None) -> Path:
+    """Write `checkpoint` (any complete titanlite checkpoint) as an HF Llama folder with its tokenizer.
+
+    The tokenizer is the checkpoint's tokenizer.path unless `tokenizer_path` is given.
+    """
     weights, meta = load_model_weights(checkpoint)
-    config = load_config(None, ["--training.steps", "1"])
-    for key, value in meta["config"]["model"].items():
-        setattr(config.model, key, value)
-    config.training.seq_len = meta["config"]["training"]["seq_len"]
+    config = config_of_checkpoint(meta)
+    path = tokenizer_path or config.tokenizer.path
+    try:
+        tokenizer = build_tokenizer(path)
+    except TokenizerError as error:
+        raise ConvertError(f"{error} (the checkpoint's tokenizer; to-hf --tokenizer PATH names another copy "
+                           "of it)") from None
+    if tokenizer.vocab_size > config.model.vocab_size:
+        raise ConvertError(f"tokenizer {path} has {tokenizer.vocab_size} ids, more than the model's vocab_size "
+                           f"{config.model.vocab_size}: not the tokenizer this model was trained with")
     state = to_hf_state(weights, config.model)
     if dtype is not None:
         state = {name: tensor.to(dtype) for name, tensor in state.items()}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    shards, current, current_bytes = [], {}, 0
-    for name, tensor in state.items():
-        size = tensor.numel() * tensor.element_size()
-        if current and current_bytes + size > max_shard_bytes:
-            shards.append(current)
-            current, current_bytes = {}, 0
-        current[name], current_bytes = tensor, current_bytes + size
-    shards.append(current)
-    names = (["model.safetensors"] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-    for name, shard in zip(names, shards):
-        save_safetensors(shard, out_dir / name, {"format": "pt"})
-    if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
-                 "weight_map": {tensor: name for name, shard in zip(names, shards) for tensor in shard}}
-        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    exported_dtype = dtype or next(iter(state.values())).dtype
-    (out_dir / "config.json").write_text(json.dumps(hf_config(config, exported_dtype), indent=2))
+    save_torch_state_dict(state, out_dir, max_shard_size=max_shard_bytes, metadata={"format": "pt"})
+    dtype_name = str(next(iter(state.values())).dtype).removeprefix("torch.")
+    hf = hf_config(config, tokenizer.bos_id, tokenizer.eos_id, dtype_name)
+    (out_dir / "config.json").write_text(json.dumps(hf, indent=2))
+    generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
+    (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2))
+    write_hf_tokenizer(tokenizer.byte_pair_encoding(), out_dir, model_max_length=hf["max_position_embeddings"])
     return out_dir
 
 
 def read_hf_folder(hf_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """config.json and every tensor of an HF folder (one safetensors file, or the shards its index names)."""
     hf_dir = Path(hf_dir)
     try:
         hf = json.loads((hf_dir / "config.json").read_text())
-    except (OSError, ValueError) as error:
-        raise ConvertError(f"{hf_dir / 'config.json'}: cannot read it ({error})") from None
-    index = hf_dir / "model.safetensors.index.json"
-    files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file()
-             else ["model.safetensors"])
+        index = hf_dir / "model.safetensors.index.json"
+        files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file()
+                 else ["model.safetensors"])
+    except (OSError, ValueError, KeyError) as error:
+        raise ConvertError(f"{hf_dir}: cannot read config.json or model.safetensors.index.json ({error})") from None
     tensors = {}
     for name in files:
         if not (hf_dir / name).is_file():
             raise ConvertError(f"{hf_dir / name}: missing (only safetensors checkpoints convert)")
-        tensors.update(load_safetensors(hf_dir / name))
+        try:
+            tensors.update(load_file(hf_dir / name))
+        except SafetensorError as error:
+            raise ConvertError(f"{hf_dir / name}: not a readable safetensors file ({error})") from None
     return hf, tensors
 
 
 def import_from_hf(hf_dir: Path, out_folder: Path, config: Config) -> Path:
-    """A model-only titanlite checkpoint out_folder/step-00000000 from an HF Llama folder."""
+    """A model-only titanlite checkpoint out_folder/step-00000000 from an HF Llama folder.
+
+    tokenizer.path: kept if set; else the folder's tokenizer.json (refused if titanlite cannot run it).
+    """
+    hf_dir = Path(hf_dir)
     hf, tensors = read_hf_folder(hf_dir)
-    apply_hf_config(hf, config, Path(hf_dir) / "config.json")
-    weights = from_hf_state(tensors, config.model, Path(hf_dir))
+    try:
+        apply_hf_config(hf, config)
+    except HFConfigError as error:
+        raise ConvertError(f"{hf_dir / 'config.json'}: {error}") from None
+    if config.tokenizer.path == "default":
+        if (hf_dir / "tokenizer.json").is_file():
+            config.tokenizer.path = str((hf_dir / "tokenizer.json").resolve())
+        else:
+            print(f"titanlite.convert: warning: {hf_dir} has no tokenizer.json; the checkpoint records "
+                  "tokenizer.path=default (pass --tokenizer.path for the model's own tokenizer)", file=sys.stderr)
+    try:
+        tokenizer = build_tokenizer(config.tokenizer.path)
+    except TokenizerError as error:
+        raise ConvertError(f"{error} (pass --tokenizer.path to choose the tokenizer)") from None
+    if tokenizer.vocab_size > config.model.vocab_size:
+        raise ConvertError(f"tokenizer.path={config.tokenizer.path} has {tokenizer.vocab_size} ids, more than "
+                           f"vocab_size={config.model.vocab_size} in {hf_dir / 'config.json'}: pass --tokenizer.path")
+    weights = from_hf_state(tensors, config.model, bool(hf.get("tie_word_embeddings")), hf_dir)
     return save_model_checkpoint(weights, out_folder, 0, config)
 
 
 def write_seed_checkpoint(config: Config, out_folder: Path) -> Path:
     """Initialize the full model on the CPU in this one process and save it as step 0 (model only)."""
     from titanlite.model import build_model
-    from titanlite.tokenizer import build_tokenizer_for_model
+    from titanlite.tokenizer import build_tokenizer
 
-    if config.model.vocab_size == 0:
-        build_tokenizer_for_model(config)  # fills model.vocab_size from the tokenizer
+    config = concrete_config(config, build_tokenizer(config.tokenizer.path).vocab_size)
     model = build_model(config.model, config.training.seq_len, device="cpu")
     model.init_weights(seed=config.training.seed)
     return save_model_checkpoint(model.state_dict(), out_folder, 0, config)
@@ -292,6 +231,8 @@ def main(argv: list[str] | None = None) -> None:
     to_hf.add_argument("out_dir", type=Path)
     to_hf.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                        help="cast the weights (default: keep the checkpoint's dtype, a bitwise export)")
+    to_hf.add_argument("--tokenizer", default=None,
+                       help="the tokenizer to export (default: the checkpoint's tokenizer.path)")
     from_hf = commands.add_parser("from-hf", help="HF Llama folder -> model-only titanlite checkpoint")
     from_hf.add_argument("hf_dir", type=Path)
     from_hf.add_argument("out_folder", type=Path)
@@ -302,10 +243,10 @@ def main(argv: list[str] | None = None) -> None:
     args, overrides = parser.parse_known_args(argv)
     try:
         if args.command == "to-hf":
-            out = export_to_hf(args.checkpoint, args.out_dir, getattr(torch, args.dtype) if args.dtype else None)
+            out = export_to_hf(args.checkpoint, args.out_dir, getattr(torch, args.dtype) if args.dtype else None,
+                               tokenizer_path=args.tokenizer)
         else:
-            # The step count plays no part in a conversion; a config without one must still load.
-            config = load_config(args.config, ["--training.steps", "1", *overrides])
+            config = load_config(args.config, overrides)
             out = (import_from_hf(args.hf_dir, args.out_folder, config) if args.command == "from-hf"
                    else write_seed_checkpoint(config, args.out_folder))
         print(f"wrote {out}")

@@ -33,8 +33,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalize in fp32: the mean of squares of bf16 activations loses precision.
-        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        # Normalize in fp32 (or wider): the mean of squares of bf16 activations loses precision.
+        wide = x.to(torch.promote_types(x.dtype, torch.float32))
+        normed = wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + self.eps)
         return normed.type_as(x) * self.weight
 
     def reset_parameters(self) -> None:
@@ -42,12 +43,12 @@ class RMSNorm(nn.Module):
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) of x (batch, seq, heads, head_dim) in fp32.
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of x (batch, seq, heads, head_dim) in fp32 (or wider).
 
-    cos, sin: (seq, head_dim/2) or (batch, seq, head_dim/2), already in fp32.
+    cos, sin: (seq, head_dim/2) or (batch, seq, head_dim/2), already in fp32 (or wider).
     """
     # bf16 has 8 mantissa bits: rotating in bf16 garbles large-angle positions, so rotate in fp32.
-    pairs = x.float().unflatten(-1, (-1, 2))
+    pairs = x.to(torch.promote_types(x.dtype, torch.float32)).unflatten(-1, (-1, 2))
     even, odd = pairs[..., 0], pairs[..., 1]
     cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
     rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
@@ -118,7 +119,8 @@ class Transformer(nn.Module):
     def init_rope(self) -> None:
         if self.rope_cos.is_meta:
             return
-        cos, sin = rope_tables(self.config, self.max_seq_len, self.rope_cos.device)
+        # In the buffers' dtype: fp32, or float64 after model.double() (then call init_rope() again).
+        cos, sin = rope_tables(self.config, self.max_seq_len, self.rope_cos.device, self.rope_cos.dtype)
         with torch.no_grad():
             self.rope_cos.copy_(cos)
             self.rope_sin.copy_(sin)

@@ -5,17 +5,25 @@
     generated corpus by `scripts/train_tokenizer.py`), with 8 special tokens;
   * a tiktoken BPE file (lines of `base64(token bytes) rank`), e.g. Llama 3's
     `tokenizer.model`, with special tokens appended after the ranks as Llama 3 does (256);
+  * a Hugging Face byte-level BPE `tokenizer.json` (e.g. Llama 3's), converted to tiktoken
+    ranks, split pattern and special tokens at load (titanlite/hf_tokenizer.py), or refused
+    when tiktoken would give other ids;
   * "tiktoken:<name>" (cl100k_base, o200k_base, ...) when tiktoken has it cached locally:
     we never download, since training nodes are often offline.
+Local files are read directly, never through tiktoken's cache (it keys local files by path, so
+a tokenizer retrained at the same path would load the old vocabulary).
 """
 
+import base64
+import binascii
 import hashlib
 import os
 import tempfile
 from pathlib import Path
 
 import tiktoken
-from tiktoken.load import load_tiktoken_bpe
+
+from titanlite.hf_tokenizer import BytePairEncoding, HFTokenizerError, read_hf_tokenizer
 
 # Pre-tokenization split of GPT-4 (cl100k) and Llama 3: contractions, words with one optional
 # leading non-letter, numbers in groups of up to 3 digits, punctuation runs, and whitespace
@@ -70,6 +78,13 @@ class Tokenizer:
         self.eos_id = eos_id
         self.fingerprint = fingerprint
 
+    def byte_pair_encoding(self) -> BytePairEncoding:
+        """Ranks, split pattern and special tokens (for export as a Hugging Face tokenizer.json)."""
+        specials = self.encoding._special_tokens  # tiktoken keeps them private; they are its constructor's input
+        names = {token_id: text for text, token_id in specials.items()}
+        return BytePairEncoding(self.encoding._mergeable_ranks, self.encoding._pat_str, dict(specials),
+                                names[self.bos_id], names[self.eos_id])
+
     @property
     def vocab_size(self) -> int:
         """Number of ids, special tokens included, before padding for the embedding."""
@@ -106,15 +121,39 @@ class Tokenizer:
                 f"fingerprint={self.fingerprint[:12]})")
 
 
+def read_tiktoken_ranks(path: Path) -> dict[bytes, int]:
+    """A tiktoken BPE file's ranks, read directly (tiktoken's loader caches local files by path)."""
+    ranks = {}
+    for number, line in enumerate(path.read_bytes().splitlines(), 1):
+        if line.strip():
+            try:
+                token, rank = line.split()
+                ranks[base64.b64decode(token, validate=True)] = int(rank)
+            except (ValueError, binascii.Error):
+                raise ValueError(f"line {number} is not 'base64(token) rank': {line[:60]!r}") from None
+    return ranks
+
+
+def _make_tokenizer(name: str, ranks: dict[bytes, int], pattern: str, special_tokens: dict[str, int],
+                    bos: str, eos: str) -> Tokenizer:
+    encoding = tiktoken.Encoding(name=name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=special_tokens)
+    return Tokenizer(encoding, name, special_tokens[bos], special_tokens[eos],
+                     compute_fingerprint(ranks, special_tokens))
+
+
 def _load_bpe_file(path: Path, name: str, num_special_tokens: int) -> Tokenizer:
-    fix = ("set tokenizer.path to a tiktoken BPE file (e.g. Llama 3's tokenizer.model), "
-           "'default', or 'tiktoken:<name>'")
+    fix = ("set tokenizer.path to a tiktoken BPE file (e.g. Llama 3's tokenizer.model), a byte-level BPE "
+           "tokenizer.json, 'default', or 'tiktoken:<name>'")
     if not path.is_file():
         raise TokenizerError(f"tokenizer file {path} does not exist or is not a file: {fix}")
+    with open(path, "rb") as file:
+        is_json = file.read(64).lstrip().startswith(b"{")
+    if is_json:
+        return _load_hf_tokenizer_json(path, name, fix)
     try:
-        ranks = load_tiktoken_bpe(str(path))
+        ranks = read_tiktoken_ranks(path)
     except (OSError, ValueError) as e:
-        raise TokenizerError(f"tokenizer file {path} is not a tiktoken BPE file ({e.__cause__ or e})"
+        raise TokenizerError(f"tokenizer file {path} is not a tiktoken BPE file ({e})"
                              f" (a SentencePiece model, as in Llama 2, is not supported): {fix}")
     if sorted(ranks.values()) != list(range(len(ranks))):
         raise TokenizerError(f"tokenizer file {path}: ranks are not 0..{len(ranks) - 1} "
@@ -127,10 +166,18 @@ def _load_bpe_file(path: Path, name: str, num_special_tokens: int) -> Tokenizer:
     # Llama 3 layout: special ids follow the BPE ranks, so BOS = len(ranks), EOS = BOS + 1.
     special_tokens = {token: len(ranks) + i
                       for i, token in enumerate(llama3_special_tokens(num_special_tokens))}
-    encoding = tiktoken.Encoding(name=name, pat_str=PAT_STR, mergeable_ranks=ranks,
-                                 special_tokens=special_tokens)
-    return Tokenizer(encoding, name, special_tokens[BEGIN_OF_TEXT], special_tokens[END_OF_TEXT],
-                     compute_fingerprint(ranks, special_tokens))
+    return _make_tokenizer(name, ranks, PAT_STR, special_tokens, BEGIN_OF_TEXT, END_OF_TEXT)
+
+
+def _load_hf_tokenizer_json(path: Path, name: str, fix: str) -> Tokenizer:
+    try:
+        bpe = read_hf_tokenizer(path)
+    except HFTokenizerError as e:
+        raise TokenizerError(f"tokenizer file {path}: {e}: {fix}") from None
+    try:
+        return _make_tokenizer(name, bpe.ranks, bpe.pattern, bpe.special_tokens, bpe.bos_token, bpe.eos_token)
+    except ValueError as e:  # tiktoken rejects the split regex
+        raise TokenizerError(f"tokenizer file {path}: tiktoken cannot use its split pattern ({e}): {fix}") from None
 
 
 def _tiktoken_cache_dir() -> str:
@@ -178,25 +225,6 @@ def build_tokenizer(path: str, num_special_tokens: int | None = None) -> Tokeniz
                               num_special_tokens or DEFAULT_NUM_SPECIAL_TOKENS)
     return _load_bpe_file(Path(path).expanduser(), path,
                           num_special_tokens or LLAMA3_NUM_SPECIAL_TOKENS)
-
-
-def padded_vocab_size(vocab_size: int, multiple: int = 128) -> int:
-    """`vocab_size` rounded up to a multiple (embedding rows; TP needs it divisible)."""
-    return -(-vocab_size // multiple) * multiple
-
-
-def build_tokenizer_for_model(config) -> Tokenizer:
-    """The config's tokenizer; fills model.vocab_size = 0 from it (padded to tokenizer.vocab_multiple)
-    and refuses an explicit model.vocab_size smaller than the tokenizer's ids (ConfigError)."""
-    from titanlite.config import ConfigError  # config imports nothing of this module; keep it that way
-
-    tokenizer = build_tokenizer(config.tokenizer.path)
-    if config.model.vocab_size == 0:
-        config.model.vocab_size = padded_vocab_size(tokenizer.vocab_size, config.tokenizer.vocab_multiple)
-    elif config.model.vocab_size < tokenizer.vocab_size:
-        raise ConfigError(f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's "
-                          f"{tokenizer.vocab_size} ids: set model.vocab_size=0 to derive it")
-    return tokenizer
 
 
 def check_vocab_compatible(tokenizer: Tokenizer, recorded_fingerprint: str, source: str,
