@@ -179,3 +179,11 @@ def test_a_step_budget_is_needed_to_train_not_to_load():
     config = load_config(None)  # tools (plan, convert, prepare) load configs without a step budget
     with pytest.raises(ConfigError, match="training.total_tokens=0 and training.steps=0"):
         resolve(config, 1, 2048)
+
+
+def test_padded_vocab_size():
+    from titanlite.config import padded_vocab_size
+    assert padded_vocab_size(2008, 128) == 2048
+    assert padded_vocab_size(128256, 128) == 128256
+    assert padded_vocab_size(1, 64) == 64
+    assert padded_vocab_size(100277, 8) == 100280

@@ -42,6 +42,24 @@ def test_throughput_mfu_and_data_wait_per_window(tmp_path, monkeypatch):
     assert "step: 10  loss: 2.0000" in text and "tokens/s/device: 4,096" in text and "mfu: 50.0%" in text
 
 
+def test_progress_elapsed_eta_and_tokens_seen(tmp_path, monkeypatch):
+    clock = FakeClock(50.0)
+    monkeypatch.setattr(metrics.time, "perf_counter", clock)
+    logger = MetricLogger(tmp_path, 0, 1000, 0.0, tensorboard=False, jsonl=True, device=torch.device("cpu"),
+                          total_steps=100, start_step=10)  # resumed after step 10
+    clock.now = 80.0  # steps 11..20 in 30 s: 3 s a step, 80 steps to go
+    record = logger.log(20, {"loss": 2.0, "tokens_seen": 163840})
+    assert record["total_steps"] == 100 and record["elapsed_s"] == 30.0 and record["eta_s"] == 240.0
+    clock.now = 3770.0  # steps 21..30 in 3690 s
+    later = logger.log(30, {"loss": 1.9, "tokens_seen": 245760})
+    assert later["elapsed_s"] == 3720.0 and later["eta_s"] == 70 * 369.0
+    text = format_record(later)
+    assert text.startswith("step: 30/100  loss: 1.9000  tokens: 245,760  elapsed 1:02:00 eta 7:10:30")
+    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["tokens_seen"] == 245760
+    rolled_back = logger.log(25, {"loss": 1.8})  # a rollback moved the step back: no ETA from this window
+    assert "eta_s" not in rolled_back and format_record(rolled_back).startswith("step: 25/100  loss: 1.8000  elapsed")
+
+
 def test_no_mfu_without_a_peak(tmp_path):
     logger = MetricLogger(tmp_path, 0, 1000, 0.0, tensorboard=False, jsonl=False, device=torch.device("cpu"))
     logger.count(10, 0.0)

@@ -231,3 +231,33 @@ def test_compile_matches_eager(tmp_path):
         for key in ("loss", "grad_norm"):
             torch.testing.assert_close(torch.tensor(results[name][key]), torch.tensor(results["eager_tp2"][key]),
                                        rtol=1e-4, atol=0, msg=lambda m: f"{name} {key}: {m}")
+
+
+# --- the recipes' layout: TP 8
+
+TP8_RUN = ["--model.n_kv_heads", "8", "--training.steps", "10", "--training.global_batch_tokens", "4096",
+           "--training.micro_batch_size", "2", "--training.grad_clip", "0.5", "--optimizer.lr", "3e-3",
+           "--lr_schedule.warmup_tokens", "8192", "--metrics.log_freq", "1", "--metrics.enable_tensorboard", "false",
+           "--metrics.enable_jsonl", "false", "--data.default_num_documents", "400", "--training.device", "cpu"]
+
+
+def debug_model_runs(folder: str, overrides: list[str]) -> dict:
+    """The debug model (dim 256, 8 heads, here 8 KV heads) for 10 steps; losses and grad norms."""
+    import titanlite.train as train_module
+
+    config = load_config("debug_model", [*TP8_RUN, "--job.dump_folder", folder, *overrides])
+    history = train_module.train(config)
+    return {"loss": [r["loss"] for r in history], "grad_norm": [r["grad_norm"] for r in history]}
+
+
+@pytest.mark.slow
+def test_tensor_parallel_8_matches_one_process(tmp_path):
+    """The recipes' TP 8 (one 8-GPU node) on the debug model: 8 gloo processes against one."""
+    single = run_distributed(debug_model_runs, 1, str(tmp_path / "single"), [], timeout=300)[0]
+    tp8 = run_distributed(debug_model_runs, 8, str(tmp_path / "tp8"),
+                          ["--parallelism.tensor_parallel_degree", "8"], timeout=600)
+    assert single["loss"][-1] < single["loss"][0] - 0.5  # a run that learns
+    assert all(result == tp8[0] for result in tp8)  # every rank logs the same numbers
+    for key, rtol in (("loss", LOSS_RTOL), ("grad_norm", GRAD_NORM_RTOL)):
+        torch.testing.assert_close(torch.tensor(tp8[0][key], dtype=torch.float64),
+                                   torch.tensor(single[key], dtype=torch.float64), rtol=rtol, atol=0)

@@ -8,7 +8,7 @@ from tiktoken.load import load_tiktoken_bpe
 from titanlite.corpus import generate_documents
 from titanlite.tokenizer import (
     DEFAULT_TOKENIZER_FILE, Tokenizer, TokenizerError, build_tokenizer, check_vocab_compatible,
-    llama3_special_tokens, padded_vocab_size)
+    llama3_special_tokens)
 
 
 def write_bpe_file(path, merged_tokens: list[bytes]) -> None:
@@ -157,13 +157,6 @@ def test_named_encoding_not_cached_fails_without_network(tmp_path, monkeypatch):
         build_tokenizer("tiktoken:cl100k_base")
     with pytest.raises(TokenizerError, match="unknown encoding"):
         build_tokenizer("tiktoken:no_such_encoding")
-
-
-def test_padded_vocab_size():
-    assert padded_vocab_size(2008) == 2048
-    assert padded_vocab_size(128256) == 128256
-    assert padded_vocab_size(1, multiple=64) == 64
-    assert padded_vocab_size(100277, multiple=8) == 100280
 
 
 def test_check_vocab_compatible(tokenizer):

@@ -55,7 +55,7 @@ def start_run_records(folder: Path, run_record: dict, resumed: bool) -> None:
 
 def init_logging(rank: int) -> None:
     level = logging.INFO if rank == 0 else logging.WARNING
-    logging.basicConfig(level=level, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
+    logging.basicConfig(level=level, format="%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S", force=True)
 
 
 def peak_flops_per_device(device: torch.device, override: float = 0.0) -> float:
@@ -96,8 +96,9 @@ class MetricLogger:
     """
 
     def __init__(self, dump_folder: Path, rank: int, flops_per_token: int, peak_flops: float,
-                 tensorboard: bool, jsonl: bool, device: torch.device):
+                 tensorboard: bool, jsonl: bool, device: torch.device, total_steps: int = 0, start_step: int = 0):
         self.rank, self.flops_per_token, self.peak_flops, self.device = rank, flops_per_token, peak_flops, device
+        self.total_steps, self.window_first_step = total_steps, start_step + 1  # progress and ETA
         self.jsonl = None
         self.writer = None
         if rank == 0:
@@ -107,7 +108,7 @@ class MetricLogger:
             if tensorboard:
                 from torch.utils.tensorboard import SummaryWriter  # imported late: slow and optional
                 self.writer = SummaryWriter(str(dump_folder / "tb"))
-        self.window_start = time.perf_counter()
+        self.run_start = self.window_start = time.perf_counter()
         self.window_tokens = 0
         self.window_data_wait = 0.0
         self.history: list[dict] = []  # every logged record, for the closing summary
@@ -117,12 +118,18 @@ class MetricLogger:
         self.window_data_wait += data_wait_seconds
 
     def log(self, step: int, values: dict[str, float]) -> dict[str, float]:
-        """Add throughput and memory to `values`, write them, and start a new window."""
+        """Add throughput, progress and memory to `values`, write them, and start a new window."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # host sync: logging step only
-        elapsed = time.perf_counter() - self.window_start
+        now = time.perf_counter()
+        elapsed = now - self.window_start
         tokens_per_second = self.window_tokens / max(elapsed, 1e-9)
-        record = {"step": step, **values, "tokens_per_second_per_device": tokens_per_second,
+        steps_in_window = step - self.window_first_step + 1  # < 1 after a rollback moved the step back
+        progress = {"elapsed_s": now - self.run_start}
+        if self.total_steps and steps_in_window >= 1:
+            progress["eta_s"] = max(0, self.total_steps - step) * elapsed / steps_in_window
+        record = {"step": step, "total_steps": self.total_steps, **values, **progress,
+                  "tokens_per_second_per_device": tokens_per_second,
                   "tflops_per_device": tokens_per_second * self.flops_per_token / 1e12,
                   "data_wait_fraction": self.window_data_wait / max(elapsed, 1e-9),
                   **device_memory(self.device)}
@@ -139,6 +146,7 @@ class MetricLogger:
                     if key not in ("step", "time") and isinstance(value, (int, float)):
                         self.writer.add_scalar(key, value, step)
         self.window_start, self.window_tokens, self.window_data_wait = time.perf_counter(), 0, 0.0
+        self.window_first_step = step + 1
         return record
 
     def close(self) -> None:
@@ -148,9 +156,21 @@ class MetricLogger:
             self.writer.close()
 
 
+def format_duration(seconds: float) -> str:
+    """3725.4 -> '1:02:05'; days are counted in hours ('50:00:00')."""
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
+
+
 def format_record(record: dict) -> str:
-    """'step: 10  loss: 7.1234  grad_norm: 1.23 ...': stable keys so tools can grep logs."""
-    parts = [f"step: {record['step']}", f"loss: {record['loss']:.4f}"]
+    """'step: 10/80  loss: 7.1234  grad_norm: 1.23 ...': stable keys so tools can grep logs."""
+    total = f"/{record['total_steps']}" if record.get("total_steps") else ""
+    parts = [f"step: {record['step']}{total}", f"loss: {record['loss']:.4f}"]
+    if "tokens_seen" in record:
+        parts.append(f"tokens: {record['tokens_seen']:,}")
+    if "elapsed_s" in record:
+        eta = f" eta {format_duration(record['eta_s'])}" if "eta_s" in record else ""
+        parts.append(f"elapsed {format_duration(record['elapsed_s'])}{eta}")
     formats = {"grad_norm": "grad_norm: {:.3f}", "lr": "lr: {:.3e}",
                "tokens_per_second_per_device": "tokens/s/device: {:,.0f}", "tflops_per_device": "tflops: {:.1f}",
                "mfu_percent": "mfu: {:.1f}%", "memory/max_allocated_gib": "mem: {:.1f}GiB",

@@ -187,7 +187,8 @@ def train(config: Config) -> list[dict]:
     data_iterator = iter(loader)  # after the load: it starts at the restored data position
     metrics = MetricLogger(dump_folder, rank, model.flops_per_token(config.training.seq_len),
                            peak_flops_per_device(device, config.metrics.peak_flops),
-                           config.metrics.enable_tensorboard, config.metrics.enable_jsonl, device)
+                           config.metrics.enable_tensorboard, config.metrics.enable_jsonl, device,
+                           run.total_steps, train_state.step)
     logger.info("model: %s parameters (%s without the embedding), %s FLOPs/token, %d grad-accum steps",
                 f"{model.num_params():,}", f"{model.num_params(exclude_embedding=True):,}",
                 f"{model.flops_per_token(config.training.seq_len):,}", run.grad_accum_steps)
@@ -218,8 +219,10 @@ def train(config: Config) -> list[dict]:
                                             config.checkpoint.interval if config.checkpoint.enable else 0):
             window, events = health.check()  # host sync: logging (or pre-checkpoint) step only
             if is_log_step:
-                record = metrics.log(step, {**window, "lr": lr, **profiler.on_log_step(step)})
-                warn_if_data_bound(step, record["data_wait_fraction"], config)
+                record = metrics.log(step, {**window, "lr": lr, "tokens_seen": train_state.tokens_seen,
+                                            **profiler.on_log_step(step)})
+                if metrics.history[0] is not record:  # the first window of a process holds its start-up
+                    warn_if_data_bound(step, record["data_wait_fraction"], config)
                 if step == 1 and config.compile.enable:
                     logger.info("compile: first step took %.1f s (torch.compile included)",
                                 time.perf_counter() - loop_start)

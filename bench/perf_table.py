@@ -1,0 +1,77 @@
+"""README's performance table, generated from the benchmark results (bench/results/*.jsonl).
+
+Each line of those files is one `bench/gpu_case.sh` case: framework, name, ngpu, gpu, torch, date,
+args, tokens_per_second_per_gpu, mfu_percent, peak memory. Cases of the same name in the same file
+ran in the same device call, side by side: the ratio is titanlite over torchtitan within one file.
+    python bench/perf_table.py            # print
+    python bench/perf_table.py --write    # refresh README.md between the PERF-TABLE markers
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+BEGIN, END = "<!-- PERF-TABLE:BEGIN -->", "<!-- PERF-TABLE:END -->"
+
+
+def read_cases(folder: Path = RESULTS) -> list[tuple[str, dict]]:
+    """(file name, case) for every successful case, files in name order (dates sort first)."""
+    cases = []
+    for path in sorted(folder.glob("*.jsonl")):
+        for line in path.read_text().splitlines():
+            if line.strip():
+                case = json.loads(line)
+                if case.get("returncode") == 0 and case.get("tokens_per_second_per_gpu"):
+                    cases.append((path.name, case))
+    return cases
+
+
+def cell(case: dict | None) -> str:
+    if case is None:
+        return "–"
+    mfu = f" ({case['mfu_percent']:.1f}%)" if case.get("mfu_percent") else ""
+    return f"{case['tokens_per_second_per_gpu']:,.0f}{mfu}"
+
+
+def memory(case: dict | None) -> str:
+    if case is None:
+        return "–"
+    for key, label in (("peak_allocated_gib", "alloc"), ("peak_reserved_gib", "reserved")):
+        if case.get(key):
+            return f"{case[key]:.1f} {label}"
+    return "–"
+
+
+def table(cases: list[tuple[str, dict]]) -> str:
+    rows, commands = {}, []
+    for file, case in cases:
+        rows.setdefault((file, case["name"]), {})[case["framework"]] = case
+        commands.append(f"- `{file}` {case['framework']} `{case['name']}` ({case['ngpu']} GPU): `{case['args']}`")
+    lines = ["| results file | setting | GPUs | card | titanlite tokens/s/GPU (MFU) | torchtitan | ratio | "
+             "titanlite memory GiB | torchtitan memory GiB |", "|---|---|---|---|---|---|---|---|---|"]
+    for (file, name), pair in rows.items():
+        ours, theirs = pair.get("titanlite"), pair.get("torchtitan")
+        any_case = ours or theirs
+        ratio = (f"{ours['tokens_per_second_per_gpu'] / theirs['tokens_per_second_per_gpu']:.3f}×"
+                 if ours and theirs else "–")
+        lines.append(f"| {file} | {name} | {any_case['ngpu']} | {any_case['gpu']}, torch {any_case['torch']} | "
+                     f"{cell(ours)} | {cell(theirs)} | {ratio} | {memory(ours)} | {memory(theirs)} |")
+    return "\n".join(lines) + "\n\nCommands (arguments to `bench/gpu_case.sh FRAMEWORK NAME NGPU ...`):\n\n" + \
+        "\n".join(commands) + "\n"
+
+
+def readme_with_table(readme: str, cases: list[tuple[str, dict]]) -> str:
+    start, end = readme.index(BEGIN) + len(BEGIN), readme.index(END)
+    return readme[:start] + "\n" + table(cases) + readme[end:]
+
+
+if __name__ == "__main__":
+    if "--write" in sys.argv:
+        path = ROOT / "README.md"
+        path.write_text(readme_with_table(path.read_text(), read_cases()))
+    else:
+        print(table(read_cases()))
