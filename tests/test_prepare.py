@@ -124,7 +124,7 @@ def test_resume_refuses_other_settings(tmp_path, corpus, tokenizer, monkeypatch)
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / prep.STATE).write_text(json.dumps({"settings": {**prep.asdict(settings_for(
         str(folder), tokenizer)), "seq_len": 4}, "shards": []}))
-    with pytest.raises(DataError, match=r"holds an? unfinished preparation with other settings \(seq_len 4 -> 32\): "
+    with pytest.raises(DataError, match=r"holds an unfinished preparation with other settings \(seq_len 4 -> 32\): "
                                         "pass --overwrite"):
         prep.prepare(settings_for(str(folder), tokenizer), tmp_path / "out", progress=False)
     with pytest.raises(Interrupt):  # --overwrite: the old state is gone and the new preparation starts

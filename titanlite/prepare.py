@@ -203,7 +203,7 @@ def _previous_preparation(output: Path, settings: Settings, overwrite: bool) -> 
     """(MANIFEST or STATE, its content) for a preparation in `output` with these very settings;
     ("", None) if there is none. Another preparation there is refused, or removed with `overwrite`."""
     wanted = asdict(settings)
-    for name, kind in ((MANIFEST, "finished"), (STATE, "unfinished")):
+    for name, kind in ((MANIFEST, "a finished"), (STATE, "an unfinished")):
         path = output / name
         if not path.exists():
             continue
@@ -216,7 +216,7 @@ def _previous_preparation(output: Path, settings: Settings, overwrite: bool) -> 
         if not differences:
             return name, recorded
         if not overwrite:
-            raise DataError(f"{output} holds a {kind} preparation with other settings ({differences}): pass "
+            raise DataError(f"{output} holds {kind} preparation with other settings ({differences}): pass "
                             "--overwrite to replace it, or choose another --output folder")
         for old in [*output.glob("shard_*.parquet"), *output.glob("shard_*.parquet.tmp"), output / MANIFEST,
                     output / STATE]:
