@@ -46,11 +46,7 @@ def prepare_corpus(folder: Path, documents: int, seq_len: int, workers: int, row
     for start in range(0, documents, per_file):  # several files, as real corpora come
         (raw / f"part{start // per_file:03d}.jsonl").write_text(
             "".join(json.dumps({"text": t}) + "\n" for t in texts[start:start + per_file]))
-    tokenizer = build_tokenizer("default")
-    settings = prep.Settings(source=str(raw), files=prep.resolve_files(str(raw)), hub_config=None, split="train",
-                             text_field="text", tokenizer="default", tokenizer_fingerprint=tokenizer.fingerprint,
-                             seq_len=seq_len, rows_per_shard=rows_per_shard, skip_bad_documents=False,
-                             max_documents=0)
+    settings = prep.build_settings(str(raw), build_tokenizer("default"), seq_len, rows_per_shard=rows_per_shard)
     begin = time.perf_counter()
     manifest = prep.prepare(settings, folder / "prepared", workers=workers, progress=False)
     seconds = time.perf_counter() - begin

@@ -131,7 +131,7 @@ def test_readme_config_reference_is_current():
 
 
 @pytest.mark.parametrize("override, message", [
-    (["--data.source", "/nonexistent/data"], "titanlite: data error: data source /nonexistent/data: no such file"),
+    (["--data.source", "/nonexistent/data"], "titanlite: data error: data.source=/nonexistent/data: no such file"),
     (["--tokenizer.path", "/nonexistent.model"], "titanlite: tokenizer error: tokenizer file /nonexistent.model"),
 ])
 def test_cli_bad_data_and_tokenizer_exit_2_with_one_line(tmp_path, override, message):

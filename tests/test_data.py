@@ -3,6 +3,7 @@
 import json
 import logging
 import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from titanlite import prepare as prep
 from titanlite.config import load_config
 from titanlite.corpus import generate_documents
 from titanlite.loss import IGNORE_INDEX
-from titanlite.data import DataError, build_dataloader, make_batch, warn_if_data_bound
+from titanlite.data import DataError, build_dataloader, check_data_source, make_batch, warn_if_data_bound
 from titanlite.tokenizer import TokenizerError, build_tokenizer
 
 SEQ_LEN, ROWS_PER_SHARD, MICRO_BATCH = 16, 50, 2
@@ -35,10 +36,8 @@ def prepared(tmp_path_factory, tokenizer):
     count = next(n for n in range(150, 200) if (lengths[n - 1] // (SEQ_LEN + 1)) % 16 == 8)
     raw = folder / "raw.jsonl"
     raw.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[:count]))
-    settings = prep.Settings(source=str(raw), files=[str(raw)], hub_config=None, split="train", text_field="text",
-                             tokenizer="default", tokenizer_fingerprint=tokenizer.fingerprint, seq_len=SEQ_LEN,
-                             rows_per_shard=ROWS_PER_SHARD, skip_bad_documents=False, max_documents=0)
-    prep.prepare(settings, folder / "prepared", progress=False)
+    prep.prepare(prep.build_settings(str(raw), tokenizer, SEQ_LEN, rows_per_shard=ROWS_PER_SHARD), folder / "prepared",
+                 progress=False)
     manifest = json.loads((folder / "prepared" / "manifest.json").read_text())
     rows = np.concatenate([np.asarray(__import__("pyarrow.parquet").parquet.read_table(
         folder / "prepared" / s["path"]).column("tokens").to_pylist()) for s in manifest["shards"]])
@@ -151,9 +150,9 @@ def test_on_the_fly_source_packs_like_prepare(prepared, tokenizer):
 
 
 def test_on_the_fly_source_refuses_a_large_corpus(prepared, tokenizer, monkeypatch):
-    import titanlite.data_sources
+    import titanlite.data
 
-    monkeypatch.setattr(titanlite.data_sources, "ON_THE_FLY_MAX_TOKENS", 1000)
+    monkeypatch.setattr(titanlite.data, "ON_THE_FLY_MAX_TOKENS", 1000)
     with pytest.raises(DataError, match="more than 1,000 tokens is too much.*python -m titanlite.prepare"):
         build_dataloader(loader_config(prepared[1]), tokenizer, 0, 1)
 
@@ -202,11 +201,52 @@ def test_manifest_mismatch(prepared, tmp_path, tokenizer):
     with pytest.raises(DataError, match=rf"manifest.json was prepared with seq_len {SEQ_LEN} but training.seq_len=32"):
         build_dataloader(loader_config(prepared[0], "--training.seq_len", "32"), tokenizer, 0, 1)
     folder = copy_prepared(prepared, tmp_path)
-    manifest = json.loads((folder / "manifest.json").read_text())
-    manifest["settings"]["tokenizer_fingerprint"] = "0" * 64
-    (folder / "manifest.json").write_text(json.dumps(manifest))
+    edit_manifest(folder, settings={"tokenizer_fingerprint": "0" * 64})
     with pytest.raises(TokenizerError, match="dataset manifest .*manifest.json was made with tokenizer 000000000000"):
         build_dataloader(loader_config(folder), tokenizer, 0, 1)
+
+
+def edit_manifest(folder: Path, **changes) -> Path:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest.update(changes)
+    (folder / "manifest.json").write_text(json.dumps({k: v for k, v in manifest.items() if v is not None}))
+    return folder / "manifest.json"
+
+
+def test_manifest_without_row_length_or_inconsistent(prepared, tmp_path, tokenizer):
+    folder = copy_prepared(prepared, tmp_path)
+    edit_manifest(folder, row_length=None)
+    with pytest.raises(DataError, match=r"manifest.json lacks 'row_length' .*titanlite.prepare --output .* --overwrite"):
+        build_dataloader(loader_config(folder), tokenizer, 0, 1)
+    # seq_len edited to 8 while the rows hold 17 tokens: the seq_len advice ("set training.seq_len=8")
+    # would give 16-token batches to a model built for 8 positions.
+    edit_manifest(folder, row_length=SEQ_LEN + 1, seq_len=8)
+    for seq_len in (SEQ_LEN, 8):
+        with pytest.raises(DataError, match=rf"manifest.json is inconsistent: row_length {SEQ_LEN + 1} but seq_len 8 "
+                                            r".*--overwrite"):
+            build_dataloader(loader_config(folder, "--training.seq_len", str(seq_len)), tokenizer, 0, 1)
+
+
+def test_check_data_source_before_the_model(prepared, tmp_path, tokenizer):
+    """The cheap checks train.py runs before building the model; DataError names data.source and the fix."""
+    folder, raw, _ = prepared
+    for fine in ("default", folder, raw):
+        assert check_data_source(loader_config(fine), tokenizer) is None
+    missing = [(tmp_path / "missing", "no such file or folder: check the path"),
+               (tmp_path / "*.jsonl", "the pattern matches no file")]
+    for source, reason in missing:
+        with pytest.raises(DataError, match=rf"^data.source={re.escape(str(source))}: {reason}"):
+            check_data_source(loader_config(source))
+    with pytest.raises(DataError, match=rf"prepared with seq_len {SEQ_LEN} but training.seq_len=32: set training"):
+        check_data_source(loader_config(folder, "--training.seq_len", "32"))
+    copy = copy_prepared(prepared, tmp_path)
+    (copy / "shard_00001.parquet").unlink()
+    with pytest.raises(DataError, match=r"shard .*shard_00001.parquet listed in .*manifest.json is missing"):
+        check_data_source(loader_config(copy))
+    shutil.copy(folder / "shard_00001.parquet", copy)
+    edit_manifest(copy, settings={"tokenizer_fingerprint": "0" * 64})
+    with pytest.raises(TokenizerError, match="made with tokenizer 000000000000"):
+        check_data_source(loader_config(copy), tokenizer)
 
 
 def test_empty_and_unfinished_folders(tmp_path, tokenizer):
@@ -228,6 +268,7 @@ def test_truncated_and_corrupt_shards(prepared, tmp_path, tokenizer):
     for path in folder.glob("shard_*.parquet"):  # same size, flipped bytes: caught by the checksum
         original = path.read_bytes() if path != shard else data
         path.write_bytes(original[:100] + bytes(b ^ 0xFF for b in original[100:110]) + original[110:])
+    check_data_source(loader_config(folder))  # cheap: sizes only, no shard is read
     loader = build_dataloader(loader_config(folder, "--data.num_workers", "1"), tokenizer, 0, 1)
     with pytest.raises(DataError, match=r"shard .*shard_000\d\d.parquet: checksum differs.*re-run"):
         take(loader, 1)  # raised in the worker, re-raised here: no hang

@@ -1,4 +1,4 @@
-"""titanlite.prepare: packing, determinism, resume, bad input."""
+"""titanlite.prepare (and titanlite.documents): packing, determinism, resume, re-runs, bad input."""
 
 import json
 from pathlib import Path
@@ -10,6 +10,7 @@ import pytest
 
 from titanlite import prepare as prep
 from titanlite.corpus import generate_documents
+from titanlite.documents import DataError, resolve_files, tokenize_chunk
 from titanlite.tokenizer import build_tokenizer
 
 SEQ_LEN = 32
@@ -25,10 +26,8 @@ def write_jsonl(path: Path, texts: list) -> Path:
     return path
 
 
-def settings_for(source: str, tokenizer, rows_per_shard: int = 10, skip: bool = False) -> prep.Settings:
-    return prep.Settings(source=source, files=prep.resolve_files(source), hub_config=None, split="train",
-                         text_field="text", tokenizer=tokenizer.name, tokenizer_fingerprint=tokenizer.fingerprint,
-                         seq_len=SEQ_LEN, rows_per_shard=rows_per_shard, skip_bad_documents=skip, max_documents=0)
+def settings_for(source: str, tokenizer, rows_per_shard: int = 10, skip: bool = False, seq_len: int = SEQ_LEN):
+    return prep.build_settings(source, tokenizer, seq_len, rows_per_shard=rows_per_shard, skip_bad_documents=skip)
 
 
 def read_shards(folder: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -123,22 +122,61 @@ def test_resume_refuses_other_settings(tmp_path, corpus, tokenizer, monkeypatch)
     folder, _ = corpus
     monkeypatch.setattr(prep, "write_shard", lambda *a: (_ for _ in ()).throw(Interrupt()))
     (tmp_path / "out").mkdir()
-    (tmp_path / "out" / prep.STATE).write_text(json.dumps({"settings": {"seq_len": 4}, "shards": []}))
-    with pytest.raises(prep.PrepareError, match="other settings"):
+    (tmp_path / "out" / prep.STATE).write_text(json.dumps({"settings": {**prep.asdict(settings_for(
+        str(folder), tokenizer)), "seq_len": 4}, "shards": []}))
+    with pytest.raises(DataError, match=r"holds an unfinished preparation with other settings \(seq_len 4 -> 32\): "
+                                        "pass --overwrite"):
         prep.prepare(settings_for(str(folder), tokenizer), tmp_path / "out", progress=False)
+    with pytest.raises(Interrupt):  # --overwrite: the old state is gone and the new preparation starts
+        prep.prepare(settings_for(str(folder), tokenizer), tmp_path / "out", progress=False, overwrite=True)
+    assert not (tmp_path / "out" / prep.STATE).exists()
 
 
-def test_text_and_parquet_sources(tmp_path, tokenizer):
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
+
+
+def test_finished_preparation_is_kept_refused_or_overwritten(tmp_path, corpus, tokenizer):
+    folder, _ = corpus
+    settings, out = settings_for(str(folder), tokenizer), tmp_path / "out"
+    manifest = prep.prepare(settings, out, progress=False)
+    before = folder_bytes(out)
+    assert prep.prepare(settings, out, progress=False) == manifest and folder_bytes(out) == before  # a no-op
+    # Another source and seq_len into the same folder: refused, naming what differs; nothing touched.
+    other = settings_for(str(folder / "part0.jsonl"), tokenizer, seq_len=64)
+    with pytest.raises(DataError, match=r"out holds a finished preparation with other settings \(source '.*raw\d*' -> "
+                                        r"'.*part0.jsonl', files 2 files -> 1 files, seq_len 32 -> 64\): pass "
+                                        r"--overwrite to replace it, or choose another --output folder$"):
+        prep.prepare(other, out, progress=False)
+    assert folder_bytes(out) == before
+    # --overwrite replaces it: the same bytes as a preparation into a new folder, no stale shard left.
+    prep.prepare(other, out, progress=False, overwrite=True)
+    prep.prepare(other, tmp_path / "new", progress=False)
+    assert folder_bytes(out) == folder_bytes(tmp_path / "new") and len(before) > len(folder_bytes(out)) > 2
+
+
+def test_text_file_is_one_document(tmp_path, tokenizer):
     texts = generate_documents(12, seed=2)
-    (tmp_path / "a.txt").write_text("\n".join(t.replace("\n", " ") for t in texts) + "\n")
+    # Blank lines (paragraphs) and Windows line ends inside: each file is one document, whole;
+    # `datasets` reads text files with universal newlines.
+    (tmp_path / "txt").mkdir()
+    (tmp_path / "txt" / "a.txt").write_bytes("\n\n".join(texts[:6]).encode() + b"\n")
+    (tmp_path / "txt" / "b.txt").write_bytes("\r\n\r\n".join(texts[6:]).encode())
+    manifest = prep.prepare(settings_for(str(tmp_path / "txt"), tokenizer), tmp_path / "out_txt", progress=False)
+    documents = ["\n\n".join(texts[:6]) + "\n", "\n\n".join(texts[6:])]
+    rows, _, _ = read_shards(tmp_path / "out_txt")
+    expected = np.concatenate([tokenizer.encode(d) + [tokenizer.eos_id] for d in documents])
+    assert manifest["num_documents"] == 2 and np.array_equal(rows.reshape(-1), expected[: rows.size])
+    assert manifest["dropped_tail_tokens"] == len(expected) - rows.size < SEQ_LEN + 1
+
+
+def test_parquet_source(tmp_path, tokenizer):
+    texts = generate_documents(12, seed=2)
     pq.write_table(pa.table({"text": texts}), tmp_path / "b.parquet")
-    for name in ("a.txt", "b.parquet"):
-        manifest = prep.prepare(settings_for(str(tmp_path / name), tokenizer), tmp_path / f"out_{name}", progress=False)
-        rows, _, _ = read_shards(tmp_path / f"out_{name}")
-        expected = [tokenizer.encode(t.replace("\n", " ") if name == "a.txt" else t) + [tokenizer.eos_id]
-                    for t in texts]
-        assert np.array_equal(rows.reshape(-1), np.concatenate(expected)[: rows.size])
-        assert manifest["num_documents"] == 12
+    manifest = prep.prepare(settings_for(str(tmp_path / "b.parquet"), tokenizer), tmp_path / "out", progress=False)
+    rows, _, _ = read_shards(tmp_path / "out")
+    expected = np.concatenate([tokenizer.encode(t) + [tokenizer.eos_id] for t in texts])
+    assert manifest["num_documents"] == 12 and np.array_equal(rows.reshape(-1), expected[: rows.size])
 
 
 @pytest.mark.parametrize("bad", ["", "  \n "])
@@ -146,7 +184,7 @@ def test_empty_document_names_file_and_row_or_is_counted(tmp_path, tokenizer, ba
     texts = generate_documents(20, seed=4)
     texts[5] = bad
     source = write_jsonl(tmp_path / "docs.jsonl", texts)
-    with pytest.raises(prep.PrepareError, match=r"docs.jsonl row 5: empty document.*--skip-bad-documents"):
+    with pytest.raises(DataError, match=r"docs.jsonl row 5: empty document.*--skip-bad-documents"):
         prep.prepare(settings_for(str(source), tokenizer), tmp_path / "out", progress=False)
     manifest = prep.prepare(settings_for(str(source), tokenizer, skip=True), tmp_path / "skip", progress=False)
     assert manifest["skipped_documents"] == {"empty document": 1} and manifest["num_documents"] == 19
@@ -159,9 +197,9 @@ def test_unpaired_surrogate(tmp_path, tokenizer):
     # In a json file Arrow refuses it and the error names the file and row; a hub source can
     # still hand one over, which the per-document check catches.
     source = write_jsonl(tmp_path / "docs.jsonl", ["fine text here"] * 5 + ["ok \ud800 no"])
-    with pytest.raises(prep.PrepareError, match=r"docs.jsonl: cannot be read as json.*row 5.*fix or remove"):
+    with pytest.raises(DataError, match=r"docs.jsonl: cannot be read as json.*row 5.*fix or remove"):
         prep.prepare(settings_for(str(source), tokenizer), tmp_path / "out", progress=False)
-    tokens = prep.tokenize_chunk(["fine", "ok \ud800 no"], tokenizer)
+    tokens = tokenize_chunk(["fine", "ok \ud800 no"], tokenizer)
     assert tokens[1].startswith("invalid UTF-8") and list(tokens[0]) == tokenizer.encode("fine", eos=True)
 
 
@@ -169,23 +207,23 @@ def test_invalid_utf8_file_names_the_line(tmp_path, tokenizer):
     source = tmp_path / "broken.jsonl"
     good = "".join(json.dumps({"text": t}) + "\n" for t in generate_documents(5, seed=1))
     source.write_bytes(good.encode() + b'{"text": "caf\xe9 latin-1"}\n')
-    with pytest.raises(prep.PrepareError, match=r"broken.jsonl: invalid UTF-8 at line 6.*re-encode"):
+    with pytest.raises(DataError, match=r"broken.jsonl: invalid UTF-8 at line 6.*re-encode"):
         prep.prepare(settings_for(str(source), tokenizer), tmp_path / "out", progress=False)
 
 
 def test_bad_sources(tmp_path, tokenizer):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(prep.PrepareError, match="folder has no"):
-        prep.resolve_files(str(tmp_path / "empty"))
-    with pytest.raises(prep.PrepareError, match="no such file"):
-        prep.resolve_files(str(tmp_path / "missing.jsonl"))
-    with pytest.raises(prep.PrepareError, match="matches no file"):
-        prep.resolve_files(str(tmp_path / "*.jsonl"))
+    with pytest.raises(DataError, match="folder has no"):
+        resolve_files(str(tmp_path / "empty"))
+    with pytest.raises(DataError, match="no such file"):
+        resolve_files(str(tmp_path / "missing.jsonl"))
+    with pytest.raises(DataError, match="matches no file"):
+        resolve_files(str(tmp_path / "*.jsonl"))
     source = write_jsonl(tmp_path / "tiny.jsonl", ["one two"])
-    with pytest.raises(prep.PrepareError, match="fewer than seq_len"):
+    with pytest.raises(DataError, match="fewer than seq_len"):
         prep.prepare(settings_for(str(source), tokenizer), tmp_path / "out", progress=False)
     (tmp_path / "other.jsonl").write_text(json.dumps({"content": "x"}) + "\n")
-    with pytest.raises(prep.PrepareError, match=r"row 0: no field 'text'.*--text-field"):
+    with pytest.raises(DataError, match=r"row 0: no field 'text'.*--text-field"):
         prep.prepare(settings_for(str(tmp_path / "other.jsonl"), tokenizer), tmp_path / "out2", progress=False)
 
 
@@ -198,3 +236,13 @@ def test_cli(tmp_path, capsys, corpus):
     with pytest.raises(SystemExit) as exit_info:
         prep.main(["--source", str(tmp_path / "nothing"), "--output", str(tmp_path / "x"), "--seq-len", "64"])
     assert exit_info.value.code == 2 and "no such file" in capsys.readouterr().err
+    again = ["--source", str(folder), "--output", str(tmp_path / "out"), "--seq-len", "48", "--workers", "1",
+             "--no-progress"]
+    with pytest.raises(SystemExit) as exit_info:
+        prep.main(again)
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and error.count("\n") == 1
+    assert f"other settings (seq_len 64 -> 48, rows_per_shard {2**24 // 65} -> {2**24 // 49}): pass --overwrite" in error
+    prep.main([*again, "--overwrite"])
+    assert "prepared 60 documents" in capsys.readouterr().out
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["seq_len"] == 48

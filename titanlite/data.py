@@ -1,10 +1,11 @@
 """Training data: packed rows of seq_len + 1 tokens, in a seeded global order, split across DP ranks.
 
-Sources (data.source; titanlite/data_sources.py):
+Sources (data.source):
   "default"          the generated corpus (titanlite/corpus.py), tokenized and packed in memory;
   a prepared folder  Parquet shards + manifest.json from `python -m titanlite.prepare`;
   anything else      a raw `datasets` source (hub id, file, folder, glob), tokenized and packed in
-                     memory at start-up with the same code as prepare: for small runs only.
+                     memory at start-up by prepare's packer (titanlite/prepare.py): small runs only.
+A row source has `shard_rows` (rows per shard), `name`, and `load(shard)` -> int32 (rows, seq_len + 1).
 
 The global order: epoch e visits the shards in an order seeded by (seed, e), and the rows of each
 shard in an order seeded by (seed, e, shard). Each micro-step consumes the next
@@ -22,19 +23,133 @@ from __future__ import annotations
 
 import functools
 import logging
+from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from titanlite import prepare
 from titanlite.config import Config
-from titanlite.data_sources import DataError, build_rows  # noqa: F401  (DataError: part of this module's interface)
+from titanlite.corpus import DEFAULT_CORPUS_SEED, generate_documents
+from titanlite.documents import EXTENSION_FORMATS, DataError, iter_tokenized, resolve_files
 from titanlite.loss import IGNORE_INDEX
-from titanlite.tokenizer import Tokenizer
+from titanlite.tokenizer import Tokenizer, check_vocab_compatible
 
 logger = logging.getLogger("titanlite")
+ON_THE_FLY_MAX_TOKENS = 1 << 28  # raw sources tokenized at start-up: ~1 GiB of int32 per rank at most
+
+
+# --- row sources ---------------------------------------------------------------------------------
+
+class InMemoryRows:
+    def __init__(self, rows: np.ndarray, name: str):
+        self.rows, self.name, self.shard_rows = rows, name, [len(rows)]
+
+    def load(self, shard: int) -> np.ndarray:
+        return self.rows
+
+
+class ShardedRows:
+    """The shards listed in a prepared folder's manifest (checked by prepare.read_manifest), read whole."""
+
+    def __init__(self, folder: Path, manifest: dict):
+        self.folder, self.row_length, self.name = folder, manifest["row_length"], str(folder)
+        self.shards = manifest["shards"]
+        self.shard_rows = [shard["rows"] for shard in self.shards]
+
+    def load(self, shard: int) -> np.ndarray:
+        path = self.folder / self.shards[shard]["path"]
+        # ~50 ms per 64 MiB shard, once per shard per worker: corrupt bytes never become silent garbage.
+        if prepare.file_sha256(path) != self.shards[shard]["sha256"]:
+            raise DataError(f"shard {path}: checksum differs from {self.folder / prepare.MANIFEST}: the file is "
+                            "corrupt or was modified; re-run the same titanlite.prepare command to rewrite it")
+        try:
+            column = pq.read_table(path, columns=["tokens"]).column("tokens").combine_chunks()
+            rows = column.flatten().to_numpy().reshape(-1, self.row_length)
+        except (pa.ArrowException, OSError, ValueError, KeyError) as error:
+            raise DataError(f"shard {path} cannot be read ({type(error).__name__}: {error}): it is corrupt or "
+                            "truncated; re-run the same titanlite.prepare command to rewrite it") from error
+        if len(rows) != self.shard_rows[shard]:
+            raise DataError(f"shard {path} has {len(rows)} rows, the manifest says {self.shard_rows[shard]}: "
+                            "re-run the same titanlite.prepare command")
+        return rows
+
+
+def _find_source(config: Config, tokenizer: Tokenizer | None) -> tuple[str, object]:
+    """data.source -> ("default", None) | ("prepared", manifest) | ("raw", local files, [] for a hub id).
+
+    Cheap (no shard or document is read); DataError names data.source or the file, and the fix.
+    """
+    source, seq_len = config.data.source, config.training.seq_len
+    if source == "default":
+        return "default", None
+    folder = Path(source).expanduser()
+    manifest_path = folder / prepare.MANIFEST
+    if manifest_path.exists():
+        manifest = prepare.read_manifest(folder)
+        if tokenizer is not None:
+            check_vocab_compatible(tokenizer, manifest["settings"]["tokenizer_fingerprint"],
+                                   f"dataset manifest {manifest_path}")
+        if manifest["seq_len"] != seq_len:
+            raise DataError(f"{manifest_path} was prepared with seq_len {manifest['seq_len']} but training.seq_len="
+                            f"{seq_len}: set training.seq_len={manifest['seq_len']} or re-run titanlite.prepare "
+                            f"with --seq-len {seq_len}")
+        return "prepared", manifest
+    if (folder / prepare.STATE).exists():
+        raise DataError(f"data.source={source}: the preparation there is unfinished (no manifest.json): re-run "
+                        "the same titanlite.prepare command; it resumes")
+    if folder.is_dir() and not any(p.suffix in EXTENSION_FORMATS for p in folder.rglob("*")):
+        raise DataError(f"data.source={source}: folder has neither manifest.json nor raw data files: run "
+                        f"python -m titanlite.prepare --source RAW_DATA --output {source} --seq-len {seq_len}")
+    return "raw", resolve_files(source, key="data.source")
+
+
+def check_data_source(config: Config, tokenizer: Tokenizer | None = None) -> None:
+    """Refuse a data.source that cannot be used, before any model is built: a missing path, an
+    unfinished or empty folder, a manifest that is unreadable, inconsistent, for another seq_len
+    (or, given `tokenizer`, another tokenizer), a listed shard missing or of the wrong size.
+    Raises DataError (TokenizerError for the tokenizer) with one line naming the culprit and the fix."""
+    _find_source(config, tokenizer)
+
+
+def build_rows(config: Config, tokenizer: Tokenizer) -> InMemoryRows | ShardedRows:
+    """The row source for data.source (see the module docstring)."""
+    kind, found = _find_source(config, tokenizer)
+    source, row_length = config.data.source, config.training.seq_len + 1
+    if kind == "prepared":
+        return ShardedRows(Path(source).expanduser(), found)
+    if kind == "default":
+        texts = generate_documents(config.data.default_num_documents, seed=DEFAULT_CORPUS_SEED)
+        documents = (("default corpus", i, i, np.asarray(tokens, np.int32))
+                     for i, tokens in enumerate(tokenizer.encode_batch(texts, eos=True)))
+        name = f"default:{config.data.default_num_documents}"
+    else:  # a raw source: tokenize and pack now, in this process, as titanlite.prepare would
+        settings = prepare.build_settings(source, tokenizer, config.training.seq_len, text_field=config.data.text_field,
+                                          skip_bad_documents=config.data.skip_bad_documents, key="data.source")
+        documents = iter_tokenized(settings, 1, 0, Path(config.job.dump_folder) / "datasets_cache")
+        name = source
+    counters, pieces, tokens = prepare.Counters(), [], 0
+    for piece in prepare.pack(documents, counters, row_length, max(1, prepare.DEFAULT_SHARD_TOKENS // row_length),
+                              config.data.skip_bad_documents):
+        pieces.append(piece.rows)
+        tokens += piece.rows.size
+        if kind == "raw" and tokens > ON_THE_FLY_MAX_TOKENS:  # a big (e.g. streamed hub) source looks like a hang
+            raise DataError(f"data.source={source}: more than {ON_THE_FLY_MAX_TOKENS:,} tokens is too much to "
+                            "tokenize at start-up: prepare it once with python -m titanlite.prepare and set "
+                            "data.source to the output folder")
+    if counters.skipped:
+        logger.warning("data.source=%s: skipped bad documents %s (data.skip_bad_documents=true)", source,
+                       counters.skipped)
+    rows = np.concatenate(pieces) if pieces else np.zeros((0, row_length), np.int32)
+    if kind == "raw":
+        logger.info("data.source=%s: %d documents -> %d rows, tokenized at start-up", source, counters.documents,
+                    len(rows))
+    return InMemoryRows(rows, name)
 
 
 # --- the global order --------------------------------------------------------------------------
@@ -190,7 +305,7 @@ class StatefulLoader:
 
 def build_dataloader(config: Config, tokenizer: Tokenizer, dp_rank: int, dp_degree: int) -> StatefulLoader:
     """This DP rank's loader: micro-batches {"input_ids", "labels"[, "positions", "document_ids"]},
-    int64 (micro_batch, seq_len). TP peers pass the same dp_rank."""
+    int64 (micro_batch, seq_len). TP peers pass the same dp_rank. Raises DataError for bad data."""
     rows = build_rows(config, tokenizer)
     data, micro_batch = config.data, config.training.micro_batch_size
     order = GlobalOrder(rows.shard_rows, config.training.seed, data.shuffle)

@@ -20,7 +20,7 @@ from titanlite.attention import choose_attention_head_dim, document_mask
 from titanlite.checkpoint import CheckpointError, Checkpointer, TrainState
 from titanlite.config import (Config, ConfigError, Run, compute_dtype, load_config, render, resolve, settings_help,
                               world_size_from_env)
-from titanlite.data import DataError, build_dataloader, warn_if_data_bound
+from titanlite.data import DataError, build_dataloader, check_data_source, warn_if_data_bound
 from titanlite.health import HealthMonitor, HealthStop
 from titanlite.health_detectors import Event
 from titanlite.loss import cross_entropy_per_sample, valid_tokens_per_sample
@@ -147,6 +147,7 @@ def train(config: Config) -> list[dict]:
     rank = dist.get_rank() if dist.is_initialized() else 0
     init_logging(rank)
     tokenizer = build_tokenizer(config.tokenizer.path)
+    check_data_source(config, tokenizer)  # a missing or mismatched data.source stops the run before any work
     dtype = getattr(torch, compute_dtype(config, device.type))
     attention_head_dim = choose_attention_head_dim(  # never a silent fallback to the math kernel
         config.model, config.parallelism.tensor_parallel_degree, dtype, device)

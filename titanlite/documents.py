@@ -1,9 +1,10 @@
-"""Raw documents for titanlite.prepare and the on-the-fly loader: read with `datasets`, checked, tokenized.
+"""Raw documents: read with `datasets`, checked, tokenized (for titanlite.prepare and raw data.source runs).
 
 The source is anything Hugging Face `datasets` reads: a hub id (streamed), or local
-json/jsonl/parquet/text files (a file, a folder, or a glob; read in sorted order). Every
-document is checked (a string, not empty, valid UTF-8) and becomes int32 token ids followed by
-EOS; tokenizing runs in worker processes, and the results come back in input order.
+json/jsonl/parquet/text files (a file, a folder, or a glob; read in sorted order). A json/jsonl
+or parquet row is one document (its text field); a .txt/.text file is one document, whole.
+Every document is checked (a string, not empty, valid UTF-8) and becomes int32 token ids
+followed by EOS; tokenizing runs in worker processes, and the results come back in input order.
 """
 
 from __future__ import annotations
@@ -24,13 +25,15 @@ EXTENSION_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", "
 CHUNK_DOCUMENTS = 256  # documents per task sent to a tokenizer worker
 
 
-class PrepareError(ValueError):
-    """Input or output that cannot be used; the message names the file (and row) and the fix."""
+class DataError(ValueError):
+    """Data that cannot be used (raw documents, a preparation, shards); the message names the file
+    (and row) and the fix."""
 
 
 @dataclass
 class Settings:
-    """Everything that determines the output bytes; a resumed run must match it exactly."""
+    """What to read and how to pack it: everything that determines a preparation's bytes (a resumed
+    or repeated titanlite.prepare must match it exactly)."""
 
     source: str
     files: list[str]  # resolved local files, or [] for a hub dataset
@@ -47,27 +50,28 @@ class Settings:
 
 # --- reading documents -------------------------------------------------------------------------
 
-def resolve_files(source: str) -> list[str]:
-    """Local files for `source` (a file, a folder searched recursively, or a glob); [] for a hub id."""
+def resolve_files(source: str, key: str = "--source") -> list[str]:
+    """Local files for `source` (a file, a folder searched recursively, or a glob); [] for a hub id.
+    `key` names the setting in error messages (--source, data.source)."""
     path = Path(source).expanduser()
     if path.is_file():
         files = [path]
     elif path.is_dir():
         files = [p for p in path.rglob("*") if p.suffix in EXTENSION_FORMATS and p.is_file()]
         if not files:
-            raise PrepareError(f"data source {source}: folder has no {'/'.join(EXTENSION_FORMATS)} files: "
-                               "point it at the data files")
+            raise DataError(f"{key}={source}: folder has no {'/'.join(EXTENSION_FORMATS)} files: "
+                            "point it at the data files")
     elif any(ch in source for ch in "*?["):
         files = [Path(p) for p in glob.glob(os.path.expanduser(source), recursive=True)]
         if not files:
-            raise PrepareError(f"data source {source}: the pattern matches no file")
+            raise DataError(f"{key}={source}: the pattern matches no file: check the pattern")
     elif source.startswith((".", "/", "~")) or path.suffix in EXTENSION_FORMATS:
-        raise PrepareError(f"data source {source}: no such file or folder")
+        raise DataError(f"{key}={source}: no such file or folder: check the path")
     else:
         return []  # a hub id
     for file in files:
         if file.suffix not in EXTENSION_FORMATS:
-            raise PrepareError(f"{file}: unknown extension; known: {', '.join(EXTENSION_FORMATS)}")
+            raise DataError(f"{file}: unknown extension; known: {', '.join(EXTENSION_FORMATS)}")
     return sorted(str(file) for file in files)
 
 
@@ -95,35 +99,39 @@ def iter_texts(settings: Settings, cache_dir: Path) -> Iterator[tuple[str, int, 
             dataset = datasets.load_dataset(settings.source, settings.hub_config, split=settings.split,
                                             streaming=True, cache_dir=str(cache_dir))
         except Exception as error:
-            raise PrepareError(f"data source {settings.source}: not a local file and the hub dataset cannot be "
-                               f"opened ({type(error).__name__}: {error})") from error
+            raise DataError(f"data source {settings.source}: not a local file and the hub dataset cannot be "
+                            f"opened ({type(error).__name__}: {error})") from error
         for row, record in enumerate(dataset):
-            yield settings.source, row, _text_of(record, settings, settings.source, row)
+            yield settings.source, row, _text_of(record, settings.text_field, settings.source, row)
         return
     for file in settings.files:
         builder = EXTENSION_FORMATS[Path(file).suffix]
+        # A text file is one document: read by line, every line would be one, and a blank line an
+        # empty document (paragraphs, code and man pages are full of them).
+        options = {"sample_by": "document"} if builder == "text" else {}
+        field = "text" if builder == "text" else settings.text_field  # the text builder's one column
         dataset = datasets.load_dataset(builder, data_files=[file], split="train", streaming=True,
-                                       cache_dir=str(cache_dir))
+                                        cache_dir=str(cache_dir), **options)
         row = -1
         try:
             for row, record in enumerate(dataset):
-                yield file, row, _text_of(record, settings, file, row)
-        except PrepareError:
+                yield file, row, _text_of(record, field, file, row)
+        except DataError:
             raise
         except Exception as error:
             where = _first_invalid_utf8(file) if builder in ("json", "text") else None
             if where:
-                raise PrepareError(f"{file}: invalid UTF-8 at {where}: re-encode the file "
-                                   "(e.g. iconv -f latin1 -t utf-8) or remove that line") from error
-            raise PrepareError(f"{file}: cannot be read as {builder} after {row + 1} good rows "
-                               f"({type(error).__name__}: {error}): fix or remove the file") from error
+                raise DataError(f"{file}: invalid UTF-8 at {where}: re-encode the file "
+                                "(e.g. iconv -f latin1 -t utf-8) or remove that line") from error
+            raise DataError(f"{file}: cannot be read as {builder} after {row + 1} good rows "
+                            f"({type(error).__name__}: {error}): fix or remove the file") from error
 
 
-def _text_of(record: dict, settings: Settings, where: str, row: int) -> object:
-    if settings.text_field not in record:
-        raise PrepareError(f"{where} row {row}: no field {settings.text_field!r} (fields: {sorted(record)}): "
-                           "pass --text-field")
-    return record[settings.text_field]
+def _text_of(record: dict, field: str, where: str, row: int) -> object:
+    if field not in record:
+        raise DataError(f"{where} row {row}: no field {field!r} (fields: {sorted(record)}): "
+                        "pass --text-field (data.text_field)")
+    return record[field]
 
 
 def document_problem(text: object) -> str | None:
