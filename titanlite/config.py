@@ -105,6 +105,16 @@ class Data:
 
 
 @dataclass
+class Validation:
+    enable: bool = setting(False, "evaluate the loss on held-out data (titanlite/validation.py)")
+    source: str = setting("default", "default (held-out generated documents) | path to prepared held-out shards")
+    interval: int = setting(100, "steps between evaluations (0: only at the end); the last step is always evaluated",
+                            ge=0)
+    steps: int = setting(10, "global batches per evaluation (training.global_batch_tokens each): the same tokens on "
+                             "every layout", gt=0)
+
+
+@dataclass
 class Optimizer:
     name: str = setting("adamw", "the optimizer", choices=("adamw",))
     lr: float = setting(3e-4, "peak learning rate", gt=0)
@@ -234,6 +244,7 @@ class Config:
     model: Model = field(default_factory=Model)
     tokenizer: Tokenizer = field(default_factory=Tokenizer)
     data: Data = field(default_factory=Data)
+    validation: Validation = field(default_factory=Validation)
     optimizer: Optimizer = field(default_factory=Optimizer)
     lr_schedule: LRSchedule = field(default_factory=LRSchedule)
     training: Training = field(default_factory=Training)

@@ -125,31 +125,37 @@ def build_rows(config: Config, tokenizer: Tokenizer) -> InMemoryRows | ShardedRo
         return ShardedRows(Path(source).expanduser(), found)
     if kind == "default":
         texts = generate_documents(config.data.default_num_documents, seed=DEFAULT_CORPUS_SEED)
-        documents = (("default corpus", i, i, np.asarray(tokens, np.int32))
-                     for i, tokens in enumerate(tokenizer.encode_batch(texts, eos=True)))
-        name = f"default:{config.data.default_num_documents}"
-    else:  # a raw source: tokenize and pack now, in this process, as titanlite.prepare would
-        settings = prepare.build_settings(source, tokenizer, config.training.seq_len, text_field=config.data.text_field,
-                                          skip_bad_documents=config.data.skip_bad_documents, key="data.source")
-        documents = iter_tokenized(settings, 1, 0, Path(config.job.dump_folder) / "datasets_cache")
-        name = source
+        return InMemoryRows(pack_texts(texts, tokenizer, row_length), f"default:{config.data.default_num_documents}")
+    # a raw source: tokenize and pack now, in this process, as titanlite.prepare would
+    settings = prepare.build_settings(source, tokenizer, config.training.seq_len, text_field=config.data.text_field,
+                                      skip_bad_documents=config.data.skip_bad_documents, key="data.source")
+    documents = iter_tokenized(settings, 1, 0, Path(config.job.dump_folder) / "datasets_cache")
+    rows, counters = _pack(documents, row_length, config.data.skip_bad_documents, limit_source=source)
+    logger.info("data.source=%s: %d documents -> %d rows, tokenized at start-up", source, counters.documents, len(rows))
+    return InMemoryRows(rows, source)
+
+
+def pack_texts(texts: list[str], tokenizer: Tokenizer, row_length: int) -> np.ndarray:
+    """Texts (each followed by EOS) -> int32 rows of `row_length` tokens, by prepare's packer."""
+    documents = (("text", i, i, np.asarray(tokens, np.int32))
+                 for i, tokens in enumerate(tokenizer.encode_batch(texts, eos=True)))
+    return _pack(documents, row_length, skip_bad_documents=False)[0]
+
+
+def _pack(documents, row_length: int, skip_bad_documents: bool, limit_source: str | None = None):
+    """(rows, counters) of prepare.pack over `documents`; `limit_source` caps the tokens of a raw source."""
     counters, pieces, tokens = prepare.Counters(), [], 0
     for piece in prepare.pack(documents, counters, row_length, max(1, prepare.DEFAULT_SHARD_TOKENS // row_length),
-                              config.data.skip_bad_documents):
+                              skip_bad_documents):
         pieces.append(piece.rows)
         tokens += piece.rows.size
-        if kind == "raw" and tokens > ON_THE_FLY_MAX_TOKENS:  # a big (e.g. streamed hub) source looks like a hang
-            raise DataError(f"data.source={source}: more than {ON_THE_FLY_MAX_TOKENS:,} tokens is too much to "
+        if limit_source and tokens > ON_THE_FLY_MAX_TOKENS:  # a big (e.g. streamed hub) source looks like a hang
+            raise DataError(f"data.source={limit_source}: more than {ON_THE_FLY_MAX_TOKENS:,} tokens is too much to "
                             "tokenize at start-up: prepare it once with python -m titanlite.prepare and set "
                             "data.source to the output folder")
     if counters.skipped:
-        logger.warning("data.source=%s: skipped bad documents %s (data.skip_bad_documents=true)", source,
-                       counters.skipped)
-    rows = np.concatenate(pieces) if pieces else np.zeros((0, row_length), np.int32)
-    if kind == "raw":
-        logger.info("data.source=%s: %d documents -> %d rows, tokenized at start-up", source, counters.documents,
-                    len(rows))
-    return InMemoryRows(rows, name)
+        logger.warning("skipped bad documents %s (data.skip_bad_documents=true)", counters.skipped)
+    return (np.concatenate(pieces) if pieces else np.zeros((0, row_length), np.int32)), counters
 
 
 # --- the global order --------------------------------------------------------------------------

@@ -117,17 +117,20 @@ class MetricLogger:
         self.window_tokens += tokens
         self.window_data_wait += data_wait_seconds
 
-    def log(self, step: int, values: dict[str, float]) -> dict[str, float]:
-        """Add throughput, progress and memory to `values`, write them, and start a new window."""
+    def log(self, step: int, values: dict[str, float], excluded_seconds: float = 0.0) -> dict[str, float]:
+        """Add throughput, progress and memory to `values`, write them, and start a new window.
+
+        excluded_seconds: time of the window that was not training (a validation), left out of tokens/s.
+        """
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # host sync: logging step only
         now = time.perf_counter()
-        elapsed = now - self.window_start
+        elapsed = now - self.window_start - excluded_seconds
         tokens_per_second = self.window_tokens / max(elapsed, 1e-9)
         steps_in_window = step - self.window_first_step + 1  # < 1 after a rollback moved the step back
         progress = {"elapsed_s": now - self.run_start}
         if self.total_steps and steps_in_window >= 1:
-            progress["eta_s"] = max(0, self.total_steps - step) * elapsed / steps_in_window
+            progress["eta_s"] = max(0, self.total_steps - step) * (elapsed + excluded_seconds) / steps_in_window
         record = {"step": step, "total_steps": self.total_steps, **values, **progress,
                   "tokens_per_second_per_device": tokens_per_second,
                   "tflops_per_device": tokens_per_second * self.flops_per_token / 1e12,
@@ -175,6 +178,7 @@ def format_record(record: dict) -> str:
                "tokens_per_second_per_device": "tokens/s/device: {:,.0f}", "tflops_per_device": "tflops: {:.1f}",
                "mfu_percent": "mfu: {:.1f}%", "memory/max_allocated_gib": "mem: {:.1f}GiB",
                "data_wait_fraction": "data_wait: {:.1%}", "loss_max_sample": "worst_sample: {:.3f}",
-               "clipped_fraction": "clipped: {:.0%}", "overflow_steps": "overflow: {:d}"}
+               "clipped_fraction": "clipped: {:.0%}", "overflow_steps": "overflow: {:d}",
+               "val_loss": "val_loss: {:.4f}", "val_perplexity": "val_ppl: {:.3f}"}
     parts += [fmt.format(record[key]) for key, fmt in formats.items() if key in record]
     return "  ".join(parts)

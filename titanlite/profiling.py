@@ -81,6 +81,12 @@ class TrainingProfiler:
                 trigger.unlink(missing_ok=True)
         return self.compile_stats(step)
 
+    def expected_compilation(self) -> None:
+        """Frames compiled up to now are expected (validation runs the blocks without gradients once)."""
+        from torch._dynamo.utils import counters
+
+        self.compile_frames = counters["frames"].get("total", 0)
+
     def compile_stats(self, step: int) -> dict[str, float]:
         """Frames compiled so far and seconds spent compiling; warns when frames recompile after step 1."""
         try:

@@ -31,6 +31,7 @@ from titanlite.parallelize import (ParallelDims, clip_grad_norm, compile_loss, i
                                    loss_context, parallelize)
 from titanlite.profiling import OutOfMemory, TrainingProfiler, report_oom
 from titanlite.tokenizer import TokenizerError, build_tokenizer
+from titanlite.validation import Validator
 
 logger = logging.getLogger("titanlite")
 
@@ -163,6 +164,8 @@ def train(config: Config) -> list[dict]:
 
     # --- set-up: data, model, optimizer, state
     loader = build_dataloader(config, tokenizer, dims.data_parallel_rank, dims.data_parallel_degree)
+    reduce_group = dims.data_parallel_mesh.get_group() if dims.data_parallel_mesh is not None else None
+    validator = Validator(run, tokenizer, dims.data_parallel_rank, reduce_group) if config.validation.enable else None
     model = build_model(config.model, config.training.seq_len, device="meta")
     parallelize(model, dims, config, param_dtype=dtype)
     # Same initial weights for every layout: each rank builds the full init and keeps its shard.
@@ -175,9 +178,7 @@ def train(config: Config) -> list[dict]:
                 else contextlib.nullcontext())
     optimizer = build_optimizer(model, config, device.type)
     train_state = TrainState()
-    health = HealthMonitor(config, run.warmup_steps, dump_folder, rank, device,
-                           dims.data_parallel_mesh.get_group() if dims.data_parallel_mesh is not None else None,
-                           tokenizer)
+    health = HealthMonitor(config, run.warmup_steps, dump_folder, rank, device, reduce_group, tokenizer)
     checkpointer = Checkpointer(config, dims, dump_folder, {
         "model": model, "optimizer": optimizer, "dataloader": loader, "train_state": train_state, "health": health})
     resumed = checkpointer.load() is not None  # resume (checkpoint.resume): the loop goes on at train_state.step + 1
@@ -215,13 +216,20 @@ def train(config: Config) -> list[dict]:
         # TP peers share each micro-batch: a GPU's throughput is its 1/TP share of those tokens.
         metrics.count(run.grad_accum_steps * run.tokens_per_micro_batch // dims.tensor, data_wait)
         train_state.step, train_state.tokens_seen = step, train_state.tokens_seen + run.tokens_per_step
-        is_log_step = step == 1 or step % config.metrics.log_freq == 0 or step == run.total_steps
+        is_log_step = (step == 1 or step % config.metrics.log_freq == 0 or step == run.total_steps
+                       or (validator is not None and validator.due(step)))
         if is_log_step or health.must_check(step, run.total_steps,
                                             config.checkpoint.interval if config.checkpoint.enable else 0):
             window, events = health.check()  # host sync: logging (or pre-checkpoint) step only
             if is_log_step:
-                record = metrics.log(step, {**window, "lr": lr, "tokens_seen": train_state.tokens_seen,
-                                            **profiler.on_log_step(step)})
+                validation, validation_seconds = {}, 0.0
+                if validator is not None and validator.due(step):
+                    started = time.perf_counter()
+                    validation = validator.evaluate(model, device, autocast, loss_fn, loss_context(dims))
+                    validation_seconds = time.perf_counter() - started
+                    profiler.expected_compilation()  # the blocks ran without gradients: compiled once more
+                record = metrics.log(step, {**window, "lr": lr, "tokens_seen": train_state.tokens_seen, **validation,
+                                            **profiler.on_log_step(step)}, validation_seconds)
                 if metrics.history[0] is not record:  # the first window of a process holds its start-up
                     warn_if_data_bound(step, record["data_wait_fraction"], config)
                 if step == 1 and config.compile.enable:
