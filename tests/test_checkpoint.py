@@ -393,6 +393,33 @@ def test_mismatched_model_is_rejected(saved):
                       "(4096, 64) in this model")
 
 
+class LoaderState:
+    """A Stateful holding `state` (a stand-in for the data loader)."""
+
+    def __init__(self, state: dict):
+        self.state = state
+
+    def state_dict(self) -> dict:
+        return dict(self.state)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = dict(state)
+
+
+def test_state_saved_in_another_format_is_rejected(tmp_path):
+    """A checkpoint whose data-loader state has other keys (titanlite before this version kept one
+    pickled blob per DP rank, "dp0", ...) stops the load with one line naming the missing key."""
+    config = tiny_config(tmp_path)
+    states = build_states(config)
+    checkpointer_for(config, {**states, "dataloader": LoaderState({"dp0": b"opaque"})}).save(1)
+    fresh = build_states(config)
+    loader = LoaderState({"global_row": 0, "seed": 0})
+    with pytest.raises(CheckpointError, match=r"checkpoint .*step-00000001 has no dataloader state 'global_row' "
+                                              r"\(saved by another titanlite version\?\)"):
+        checkpointer_for(config, {**fresh, "dataloader": loader}).load(step_folder(tmp_path, 1))
+    assert loader.state == {"global_row": 0, "seed": 0}
+
+
 def test_missing_or_corrupt_files_are_rejected(saved):
     path, make_config = saved
     config = make_config()

@@ -40,7 +40,7 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_o
                                                      set_model_state_dict, set_optimizer_state_dict)
 
 from titanlite.checkpoint_files import (PARTIAL, STEP_FOLDER, CheckpointError, ChecksummedFileSystemReader,
-                                        ChecksummedFileSystemWriter, check_model_matches, describe, first_failure,
+                                        ChecksummedFileSystemWriter, check_states_match, describe, first_failure,
                                         flat_tensors, fresh_folder, load_model_weights, looks_complete, publish,
                                         read_checkpoint, save_model_checkpoint)
 
@@ -344,7 +344,7 @@ class Checkpointer:
                 states[name] = state
             else:
                 logger.warning("checkpoint: %s has no %r state; it keeps its current value", path, name)
-        check_model_matches(path, meta, metadata, self.config.model, states)
+        check_states_match(path, meta, metadata, self.config.model, states)
         try:
             reader = ChecksummedFileSystemReader(str(path), meta.get("crc32"), threads=self.settings.write_threads)
             dcp.load(states, storage_reader=reader, **self._dcp_kwargs())

@@ -293,7 +293,7 @@ def flat_tensors(tree, prefix: str):
             yield from flat_tensors(value, f"{prefix}.{key}")
 
 
-def check_model_matches(path: Path, meta: dict, metadata, model_config, states: dict) -> None:
+def check_states_match(path: Path, meta: dict, metadata, model_config, states: dict) -> None:
     """Raise a CheckpointError naming the mismatch if `states` cannot load from the checkpoint."""
     saved = meta.get("config", {}).get("model", {})
     differences = [f"model.{field}={saved[field]} in the checkpoint, {getattr(model_config, field)} in the config"
@@ -312,6 +312,15 @@ def check_model_matches(path: Path, meta: dict, metadata, model_config, states: 
             if tuple(entry.size) != tuple(tensor.shape):
                 raise CheckpointError(f"checkpoint {path}: {key} has shape {tuple(entry.size)} in the checkpoint "
                                       f"but {tuple(tensor.shape)} in this model")
+    prefixes = {".".join(key.split(".")[:depth]) for key in metadata.state_dict_metadata
+                for depth in range(2, key.count(".") + 2)}
+    for name in states.keys() - {"model", "optimizer"}:
+        for key, value in states[name].state_dict().items():
+            empty = isinstance(value, (dict, list)) and not value  # DCP stores no key for it
+            if f"{name}.{key}" not in prefixes and not empty:
+                raise CheckpointError(f"checkpoint {path} has no {name} state {key!r} (saved by another titanlite "
+                                      f"version?): resume with the version that saved it, or load its weights with "
+                                      f"checkpoint.initial_load_path")
 
 
 def load_model_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
