@@ -239,6 +239,7 @@ class Checkpointer:
         complete = [path for _, path in self.complete_checkpoints() if looks_complete(path)]
         kept = f"{partial} was removed, the previous checkpoint ({complete[-1] if complete else 'none'}) is intact"
         if isinstance(cause, OSError) and cause.errno == errno.ENOSPC:
+            # The whole checkpoint, all ranks: a DTensor's numel() counts the global tensor.
             needed = sum(tensor.numel() * tensor.element_size() for name in ("model", "optimizer")
                          if name in self.states for _, tensor in flat_tensors(self.states[name].state_dict(), name))
             raise CheckpointError(f"no space left on device writing {cause.filename} ({_bytes(needed)} needed, "
