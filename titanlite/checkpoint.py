@@ -1,32 +1,32 @@
-"""Checkpoints: all training state saved with DCP, crash-safe, loadable under any layout.
+"""Checkpoints: all training state saved with DCP, checksummed, crash-safe, loadable under any layout.
 
 On disk, under <job.dump_folder>/<checkpoint.folder>/:
-    step-00000200/           complete: DCP files (.metadata, __<rank>_<n>.distcp: one per writer thread) + meta.json
+    step-00000200/           published: DCP files (.metadata, __<rank>_<n>.distcp: one per writer thread) + meta.json
     step-00000300.partial/   being written, or left by a crash: never loaded, removed later
 A save writes into `step-N.partial/`. DCP writes `.metadata` only after every rank's data is on
-disk; rank 0 then writes meta.json (step, tokens, layout, resolved config, for a person) and
-renames the folder to `step-N`. A rename is atomic, so a folder without the suffix is complete,
-and a kill -9 at any moment leaves the previous checkpoint as it was.
+disk; rank 0 then writes meta.json (step, tokens, layout, resolved config, the CRC-32 of every
+file) and renames the folder to `step-N`. A rename is atomic, so a kill -9 at any moment leaves
+the previous checkpoint as it was. Only `.partial` folders are unfinished: a `step-N` folder
+that does not load (no meta.json, no .metadata, a file that fails its checksum) stops the run
+with an error naming it, and is never overwritten or deleted.
 
 What a checkpoint holds (DCP flattens it into keys like "model.layers.0.attention.wq.weight"):
     model, optimizer        sharded tensors (DTensors under FSDP/TP); DCP reshards them on load,
                             so a checkpoint saved on 2 x 2 GPUs loads on 4 x 1 or on one
-    lr_scheduler, train_state, health   small Python values, the same on every rank
-    dataloader              one copy per data-parallel rank ("dp<r>"). Loaded as saved under the
-                            same DP degree; else every rank loads dp0's copy, whose position is
-                            a global row cursor and so valid under any DP degree
-    rng                     CPU/CUDA/Python generator states per global rank ("rank<r>")
+    train_state, dataloader, health   small Python values, the same on every rank
+                            (DCP stores each once). The data position is a global row cursor,
+                            valid under any DP degree.
+No RNG state: nothing random happens after initialization (no dropout; the data order is a
+seeded numpy permutation of the cursor).
 """
 
 from __future__ import annotations
 
-import io
+import errno
 import logging
 import os
-import random
 import re
 import shutil
-import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
@@ -35,13 +35,14 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.staging import AsyncStager, DefaultStager, StagingOptions
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 
-from titanlite.checkpoint_files import (PARTIAL, STEP_FOLDER, CheckedFileSystemWriter, CheckpointError,
-                                        ParallelFileSystemReader, check_model_matches, describe, fresh_folder,
-                                        load_model_weights, publish, read_checkpoint, save_model_checkpoint)
+from titanlite.checkpoint_files import (PARTIAL, STEP_FOLDER, CheckpointError, ChecksummedFileSystemReader,
+                                        ChecksummedFileSystemWriter, check_states_match, describe, first_failure,
+                                        flat_tensors, fresh_folder, load_model_weights, looks_complete, publish,
+                                        read_checkpoint, save_model_checkpoint)
 
 __all__ = ["Checkpointer", "CheckpointError", "TrainState", "load_model_weights", "save_model_checkpoint"]
 logger = logging.getLogger("titanlite")
@@ -86,80 +87,27 @@ class OptimizerState:
         set_optimizer_state_dict(self.model, self.optimizer, state)
 
 
-class _PerRankBlob:
-    """Save-only: this rank's state under its own key, as one opaque blob (its shape may vary)."""
-
-    def __init__(self, key: str, get_state):
-        self.key, self.get_state = key, get_state
-
-    def state_dict(self) -> dict:
-        buffer = io.BytesIO()
-        torch.save(self.get_state(), buffer)
-        return {self.key: buffer.getvalue()}
-
-    def load_state_dict(self, state: dict) -> None:  # makes it a DCP Stateful; loading is per rank
-        raise NotImplementedError("per-rank state is loaded by Checkpointer._load_per_rank")
-
-
-def rng_state() -> dict:
-    state = {"cpu": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["cpu"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-class ReusedStager(AsyncStager):
-    """DCP's DefaultStager kept open across saves, so its pinned host buffers are allocated once.
-
-    torch 2.11's async_save closes the stager it is given when the upload finishes (2.13 closes
-    only the stagers it creates). A closed DefaultStager has emptied its copy dispatch table and
-    the next save fails with `KeyError: <class 'type'>`. So DCP's close() does nothing here;
-    the Checkpointer calls release() once, when it closes.
-    """
-
-    def __init__(self, options: StagingOptions):
-        self.options, self.stager = options, DefaultStager(options)
-
-    @property
-    def should_synchronize_after_execute(self) -> bool:
-        return self.stager.should_synchronize_after_execute
-
-    def stage(self, state_dict, **kwargs):
-        copier = getattr(self.stager, "_state_dict_stager", None)
-        if copier is not None and not getattr(copier, "_deepcopy_dispatch", True):
-            # Closed some other way than through close() (a torch version we have not seen):
-            # a fresh stager works, at the price of pinning new buffers.
-            logger.warning("checkpoint: the async stager was closed by torch; making a new one")
-            self.stager = DefaultStager(self.options)
-        return self.stager.stage(state_dict, **kwargs)
-
-    def synchronize_staging(self) -> None:
-        self.stager.synchronize_staging()
-
-    def close(self) -> None:  # torch 2.11's async_save calls this after every save: keep the buffers
-        pass
-
-    def release(self) -> None:
-        self.stager.close()
+def _bytes(count: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if count < 1000:
+            return f"{count:.3g} {unit}"
+        count /= 1000
+    return f"{count:.3g} TB"
 
 
 class Checkpointer:
     """Saves and restores `states` (Stateful objects) under <dump_folder>/<checkpoint.folder>.
 
-    states: "model" (nn.Module), "optimizer" (torch Optimizer), "lr_scheduler", "dataloader",
+    states: "model" (nn.Module), "optimizer" (torch Optimizer), "dataloader",
     "train_state" (TrainState), optional "health"; anything with state_dict/load_state_dict.
     Every method is collective under torch.distributed: call it on all ranks at the same point.
     """
 
-    def __init__(self, config, dims, dump_folder, states: dict):
+    def __init__(self, config, dims, dump_folder, states: dict, run_record: dict | None = None):
+        """run_record: what meta.json records as the run's config (the resolved Run.to_dict()); default config."""
         self.config, self.dims, self.settings = config, dims, config.checkpoint
+        self.run_record = run_record or config.to_dict()
+        self.loaded_meta: dict | None = None  # meta.json of the checkpoint load() restored
         self.folder = Path(dump_folder) / self.settings.folder
         self.distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if self.distributed else 0
@@ -167,42 +115,39 @@ class Checkpointer:
         # off the training process group (and async save needs a CPU backend anyway).
         self.group = dist.new_group(backend="gloo") if self.distributed else None
         self.train_state = states["train_state"]
-        self.dataloader = states.get("dataloader")
         self.states = {"model": ModelState(states["model"])}
         optimizer = states.get("optimizer")
         if optimizer is not None:
             self.states["optimizer"] = OptimizerState(states["model"], optimizer)
             # Async staging copies the state in the background: the update must wait for it.
             optimizer.register_step_pre_hook(lambda *_: self._wait_for_staging())
-        self.states.update({name: states[name] for name in ("lr_scheduler", "train_state", "health")
+        self.states.update({name: states[name] for name in ("train_state", "dataloader", "health")
                             if states.get(name) is not None})
         self.async_mode = self.settings.async_mode == "async"
-        self.stager = self._build_stager() if self.async_mode else None
+        self.stager = None  # DCP's DefaultStager, made at the first async save
         self._staging = None  # future: the state is copied out, training may change it again
         self._in_flight = None  # (step, upload future, publisher future or None, partial folder)
         self._last_saved_step = None
         self._warned: set[str] = set()
-        # Seconds of the last async save, for benchmarks and logs: blocking (inside save()), staging
-        # (device-to-host copy, from the save call), staging_wait (the optimizer step waited for
-        # it), write (until the files were on disk, from the save call).
-        self.async_timings: dict[str, float] = {}
         if self.settings.enable:
             self._on_rank0(self._check_writable)
 
-    @staticmethod
-    def _build_stager() -> ReusedStager:
-        cuda = torch.cuda.is_available()
-        # Pinned host buffers (allocated once, reused) make the device-to-host copy fast and let
-        # it run on a side stream while training goes on.
-        return ReusedStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
-                                           use_async_staging=cuda, use_non_blocking_copy=cuda))
+    def _async_stager(self) -> DefaultStager:
+        """DCP's stager, kept across saves so that its pinned host buffers are allocated once.
 
-    def _writer(self, partial: Path) -> CheckedFileSystemWriter:
-        # One file per writer thread: threads serialize (CRC32 included) and write in parallel.
-        # sync_files: DCP fsyncs every data file before it writes .metadata, and publish() fsyncs
-        # meta.json and the folder around the rename, so a published checkpoint is on disk.
-        return CheckedFileSystemWriter(str(partial), single_file_per_rank=True, sync_files=True,
-                                       thread_count=self.settings.write_threads)
+        torch 2.11's DefaultStager empties its copier after each stage (2.13's keeps it, with its
+        buffers); one that did so cannot stage again, so the save gets a new one.
+        """
+        copier = getattr(self.stager, "_state_dict_stager", None)
+        if self.stager is None or not getattr(copier, "_deepcopy_dispatch", True):
+            if self.stager is not None:
+                self.stager.close()
+            cuda = torch.cuda.is_available()
+            # Pinned host buffers make the device-to-host copy fast and let it run on a side
+            # stream while training goes on.
+            self.stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
+                                                       use_async_staging=cuda, use_non_blocking_copy=cuda))
+        return self.stager
 
     def _dcp_kwargs(self) -> dict:
         return {"process_group": self.group} if self.distributed else {"no_dist": True}
@@ -242,43 +187,38 @@ class Checkpointer:
         self.wait()  # one save in flight at a time
         final = self.folder / f"step-{step:08d}"
         partial = final.with_name(final.name + PARTIAL)
-        self._on_rank0(lambda: fresh_folder(partial))
+        self._on_rank0(lambda: fresh_folder(partial, final))
         meta = self._meta(step)
-        states = dict(self.states)
-        if self.dataloader is not None:
-            states["dataloader"] = _PerRankBlob(f"dp{self.dims.data_parallel_rank}", self.dataloader.state_dict)
-        states["rng"] = _PerRankBlob(f"rank{self.rank}", rng_state)
-        writer = self._writer(partial)
+        # One file per writer thread: threads serialize, checksum and write in parallel.
+        # sync_files: DCP fsyncs every data file before it writes .metadata, and publish() fsyncs
+        # meta.json and the folder around the rename, so a published checkpoint is on disk.
+        writer = ChecksummedFileSystemWriter(str(partial), single_file_per_rank=True, sync_files=True,
+                                             thread_count=self.settings.write_threads)
         self._last_saved_step = step
         if not self.async_mode:
             try:
-                dcp.save(states, storage_writer=writer, **self._dcp_kwargs())
+                dcp.save(self.states, storage_writer=writer, **self._dcp_kwargs())
             except (Exception, CheckpointException) as error:  # noqa: BLE001 - DCP's is a BaseException
                 self._fail(step, partial, error)
             self._on_rank0(lambda: self._publish(partial, final, meta))
             return
-        started = time.perf_counter()
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             # host sync: checkpoint step only. The stager copies on its own CUDA stream, which
             # would not wait for this step's optimizer kernels on the training stream.
             torch.cuda.synchronize()
         try:
-            response = dcp.async_save(states, storage_writer=writer, async_stager=self.stager, **self._dcp_kwargs())
+            response = dcp.async_save(self.states, storage_writer=writer, async_stager=self._async_stager(),
+                                      **self._dcp_kwargs())
         except (Exception, CheckpointException) as error:  # noqa: BLE001
             self._fail(step, partial, error)
         upload = getattr(response, "upload_completion", response)  # torch >= 2.9 returns both futures
         self._staging = getattr(response, "staging_completion", None)
-        timings = self.async_timings = {"blocking_s": 0.0, "staging_s": 0.0, "staging_wait_s": 0.0, "write_s": 0.0}
-        for future, key in ((self._staging, "staging_s"), (upload, "write_s")):
-            if future is not None:
-                future.add_done_callback(lambda _, key=key: timings.__setitem__(key, time.perf_counter() - started))
         publisher = None
         if self.rank == 0:  # publish as soon as the files are written, not at the next save
             executor = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-publish")
             publisher = executor.submit(lambda: (upload.result(), self._publish(partial, final, meta)))
             executor.shutdown(wait=False)
         self._in_flight = (step, upload, publisher, partial)
-        timings["blocking_s"] = time.perf_counter() - started
 
     def _meta(self, step: int) -> dict:
         dims = self.dims
@@ -287,7 +227,7 @@ class Checkpointer:
                            "data_parallel_shard": dims.shard, "tensor_parallel": dims.tensor,
                            "data_parallel_degree": dims.data_parallel_degree},
                 "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "torch_version": torch.__version__, "config": self.config.to_dict()}
+                "torch_version": torch.__version__, "config": self.run_record}
 
     def _publish(self, partial: Path, final: Path, meta: dict) -> None:
         publish(partial, final, meta)
@@ -295,25 +235,29 @@ class Checkpointer:
         self._apply_retention()
 
     def _fail(self, step: int, partial: Path, error: BaseException) -> None:
-        # The one-line error below is for the user; the full traceback (DCP's CheckpointException
-        # carries each failed rank's) is for whoever debugs it.
-        logger.error("checkpoint: saving step %d to %s failed", step, partial, exc_info=error)
+        cause = first_failure(error)
+        if not isinstance(cause, OSError):  # a bug, not the disk: keep the traceback for whoever debugs it
+            logger.error("checkpoint: saving step %d to %s failed", step, partial, exc_info=error)
         self._on_rank0(lambda: shutil.rmtree(partial, ignore_errors=True))  # free the space it took
-        newest = self.complete_checkpoints()[-1][1] if self.complete_checkpoints() else "none"
-        raise CheckpointError(f"saving step {step} to {partial} failed ({describe(error)}); "
-                              f"the previous checkpoint ({newest}) is intact: free space or fix the folder, "
-                              f"then resume") from None
+        complete = [path for _, path in self.complete_checkpoints() if looks_complete(path)]
+        kept = f"{partial} was removed, the previous checkpoint ({complete[-1] if complete else 'none'}) is intact"
+        if isinstance(cause, OSError) and cause.errno == errno.ENOSPC:
+            # The whole checkpoint, all ranks: a DTensor's numel() counts the global tensor.
+            needed = sum(tensor.numel() * tensor.element_size() for name in ("model", "optimizer")
+                         if name in self.states for _, tensor in flat_tensors(self.states[name].state_dict(), name))
+            raise CheckpointError(f"no space left on device writing {cause.filename} ({_bytes(needed)} needed, "
+                                  f"{_bytes(shutil.disk_usage(self.folder).free)} free) at step {step}; {kept}: "
+                                  f"free space or set checkpoint.folder, then resume") from None
+        raise CheckpointError(f"saving step {step} to {partial} failed ({describe(error)}); {kept}: "
+                              f"fix the cause, then resume") from None
 
     def _wait_for_staging(self) -> None:
         """Runs before every optimizer step: waits for the device-to-host copy only, never the write."""
         if self._staging is not None:
-            started = time.perf_counter()
             try:
                 self._staging.result()
             except Exception:  # noqa: BLE001 - the upload fails with it too: wait() reports it
                 pass
-            self.async_timings["staging_wait_s"] = self.async_timings.get("staging_wait_s", 0.0) + (
-                time.perf_counter() - started)
             self._staging = None
 
     def wait(self) -> None:
@@ -336,24 +280,26 @@ class Checkpointer:
     def close(self) -> None:
         self.wait()
         if self.stager is not None:
-            self.stager.release()
+            self.stager.close()
             self.stager = None
 
     # --- retention and discovery
     def complete_checkpoints(self, warn: bool = False) -> list[tuple[int, Path]]:
-        """(step, path) of the complete checkpoints in the folder, oldest first."""
+        """(step, path) of the published (`step-N`) checkpoints in the folder, oldest first."""
         found = []
         for path in sorted(self.folder.iterdir()) if self.folder.is_dir() else []:
             match = STEP_FOLDER.match(path.name)
-            if match and (path / "meta.json").is_file() and (path / ".metadata").is_file():
+            if match and path.is_dir():
                 found.append((int(match[1]), path))
-            elif warn and path.name.startswith("step-") and path.name not in self._warned:
+            elif warn and path.name.endswith(PARTIAL) and path.name not in self._warned:
                 self._warned.add(path.name)
                 logger.warning("checkpoint: ignoring incomplete %s (a save that did not finish)", path)
         return sorted(found)
 
     def _apply_retention(self) -> None:
-        complete = self.complete_checkpoints()
+        # Only folders with a published checkpoint's files are deleted: one that lost them is
+        # evidence for its owner, never garbage.
+        complete = [(step, path) for step, path in self.complete_checkpoints() if looks_complete(path)]
         newest = complete[-1][0] if complete else -1
         doomed = [path for _, path in complete[:-self.settings.keep_latest_k]] if self.settings.keep_latest_k else []
         for path in self.folder.iterdir():  # leftovers of crashed saves older than the newest
@@ -367,7 +313,7 @@ class Checkpointer:
                 logger.warning("checkpoint: could not delete %s (%s); it stays", path, error)
 
     def latest_complete(self) -> Path | None:
-        """The newest complete checkpoint in this run's folder (waits for a save in flight)."""
+        """The newest published checkpoint in this run's folder (waits for a save in flight)."""
         self.wait()
         complete = self.complete_checkpoints(warn=True)
         return complete[-1][1] if complete else None
@@ -376,9 +322,10 @@ class Checkpointer:
     def load(self, path: Path | str | None = None) -> int | None:
         """Restore from `path`, or as checkpoint.resume says; returns the step loaded, None if none.
 
-        resume=auto: the newest complete checkpoint in this run's folder; else, if set,
-        checkpoint.initial_load_path (model only unless initial_load_model_only=false).
-        A model-only checkpoint sets the weights and returns None: training starts at step 1.
+        resume=auto: the newest published checkpoint in this run's folder (an error if it does
+        not load); else, if set, checkpoint.initial_load_path (model only unless
+        initial_load_model_only=false). A model-only checkpoint sets the weights and returns
+        None: training starts at step 1.
         """
         model_only = False
         if path is None:
@@ -393,6 +340,7 @@ class Checkpointer:
                 return None
         path = Path(path)
         meta, metadata = read_checkpoint(path)
+        self.loaded_meta = meta
         model_only = model_only or bool(meta.get("model_only"))
         present = {key.split(".", 1)[0] for key in metadata.state_dict_metadata}
         states = {"model": self.states["model"]} if model_only else {}
@@ -401,14 +349,16 @@ class Checkpointer:
                 states[name] = state
             else:
                 logger.warning("checkpoint: %s has no %r state; it keeps its current value", path, name)
-        check_model_matches(path, meta, metadata, self.config.model, states)
+        check_states_match(path, meta, metadata, self.config.model, states)
         try:
-            reader = ParallelFileSystemReader(str(path), threads=self.settings.write_threads)
+            reader = ChecksummedFileSystemReader(str(path), meta.get("crc32"), threads=self.settings.write_threads)
             dcp.load(states, storage_reader=reader, **self._dcp_kwargs())
-            if not model_only:
-                self._load_per_rank(path, meta, metadata)
         except (Exception, CheckpointException) as error:  # noqa: BLE001
-            logger.error("checkpoint: loading %s failed", path, exc_info=error)
+            cause = first_failure(error)
+            if isinstance(cause, CheckpointError):
+                raise CheckpointError(str(cause)) from None
+            if not isinstance(cause, (OSError, ValueError)):  # a bug, not the files: keep the traceback
+                logger.error("checkpoint: loading %s failed", path, exc_info=error)
             raise CheckpointError(f"loading {path} failed ({describe(error)})") from None
         saved = meta.get("layout", {})
         logger.info("checkpoint: loaded %s%s (saved on %s ranks, now %d)", path, " (model only)" if model_only else "",
@@ -417,21 +367,3 @@ class Checkpointer:
             return None
         self._last_saved_step = self.train_state.step
         return self.train_state.step
-
-    def _load_per_rank(self, path: Path, meta: dict, metadata) -> None:
-        """Data-loader position and RNG states: each rank picks its own copy (see module docstring)."""
-        same_dp = meta.get("layout", {}).get("data_parallel_degree") == self.dims.data_parallel_degree
-        wanted = {"rng": (f"rank{self.rank}", set_rng_state)}
-        if self.dataloader is not None:
-            wanted["dataloader"] = (f"dp{self.dims.data_parallel_rank}" if same_dp else "dp0",
-                                    self.dataloader.load_state_dict)
-        holder = {}
-        for name, (key, _) in wanted.items():
-            if f"{name}.{key}" in metadata.state_dict_metadata:
-                holder[name] = {key: b""}
-            else:
-                logger.warning("checkpoint: %s has no %s state %r; it keeps its current value", path, name, key)
-        dcp.load(holder, checkpoint_id=str(path), **self._dcp_kwargs())  # collective: also when empty
-        for name, values in holder.items():
-            key, apply = wanted[name]
-            apply(torch.load(io.BytesIO(values[key]), weights_only=False))

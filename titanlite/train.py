@@ -18,8 +18,8 @@ import torch.distributed as dist
 
 from titanlite.attention import choose_attention_head_dim, document_mask
 from titanlite.checkpoint import CheckpointError, Checkpointer, TrainState
-from titanlite.config import (Config, ConfigError, Run, compute_dtype, load_config, render, resolve, settings_help,
-                              world_size_from_env)
+from titanlite.config import (Config, ConfigError, Run, compute_dtype, config_differences, load_config, render, resolve,
+                              settings_help, world_size_from_env)
 from titanlite.data import DataError, build_dataloader, check_data_source, warn_if_data_bound
 from titanlite.health import HealthMonitor, HealthStop
 from titanlite.health_detectors import Event
@@ -180,8 +180,12 @@ def train(config: Config) -> list[dict]:
     train_state = TrainState()
     health = HealthMonitor(config, run.warmup_steps, dump_folder, rank, device, reduce_group, tokenizer)
     checkpointer = Checkpointer(config, dims, dump_folder, {
-        "model": model, "optimizer": optimizer, "dataloader": loader, "train_state": train_state, "health": health})
+        "model": model, "optimizer": optimizer, "dataloader": loader, "train_state": train_state, "health": health},
+        run.to_dict())
     resumed = checkpointer.load() is not None  # resume (checkpoint.resume): the loop goes on at train_state.step + 1
+    if resumed and (changed := config_differences(checkpointer.loaded_meta["config"], run.to_dict())):
+        logger.warning("resume: this run's config differs from the checkpoint's; this config applies from step %d "
+                       "(the LR schedule follows it): %s", train_state.step + 1, "; ".join(changed))
     if rank == 0:
         start_run_records(dump_folder, run.to_dict(), resumed)
     health.install_fault_injection(model)  # testing aid only; off unless health.inject_nan_at_step
