@@ -33,7 +33,11 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "train_configs"
+# The recipes: train_configs/ of a checkout (or an editable install), else the copy a wheel ships
+# inside the package (pyproject.toml).
+CONFIG_DIR = next((folder for folder in (Path(__file__).resolve().parent.parent / "train_configs",
+                                         Path(__file__).resolve().parent / "train_configs") if folder.is_dir()),
+                  Path(__file__).resolve().parent / "train_configs")
 
 
 class ConfigError(ValueError):
@@ -171,6 +175,9 @@ class Metrics:
     enable_jsonl: bool = setting(True, "write metrics.jsonl in the dump folder")
     peak_flops: float = setting(0.0, "peak dense bf16 FLOP/s per device for MFU; 0 = by device name", ge=0)
     data_wait_warn_fraction: float = setting(0.05, "warn when the loader takes more of a step than this", ge=0, le=1)
+    enable_wandb: bool = setting(False, "also log to Weights & Biases (pip install 'titanlite[wandb]'; "
+                                        "WANDB_MODE=offline needs no network)")
+    wandb_project: str = setting("titanlite", "W&B project; the run is named after job.dump_folder")
 
 
 @dataclass
