@@ -148,7 +148,7 @@ def median(values) -> float | None:
     return values[len(values) // 2] if values else None
 
 
-def write_plots(run: Path, events: list[Event]) -> list[Path]:
+def write_plots(run: Path, events: list[Event], dpi: int = 100) -> list[Path]:
     """PNG plots in <run>/diagnose/ (titanlite/diagnose_plots.py); [] when matplotlib is missing."""
     try:
         import matplotlib  # noqa: F401  (the optional plot extra)
@@ -159,7 +159,7 @@ def write_plots(run: Path, events: list[Event]) -> list[Path]:
     from titanlite.diagnose_plots import write_plots as write_panels
 
     _, grad_clip, _, wait_limit, _ = run_settings(run)
-    return write_panels(run / "diagnose", read_jsonl(run / "metrics.jsonl"), events, grad_clip, wait_limit)
+    return write_panels(run / "diagnose", read_jsonl(run / "metrics.jsonl"), events, grad_clip, wait_limit, dpi)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -167,6 +167,7 @@ def main(argv: list[str] | None = None) -> None:
                                                  "loss-curve reading) and plot it.")
     parser.add_argument("run", type=Path, help="the run folder (job.dump_folder)")
     parser.add_argument("--no-plots", action="store_true", help="only print the verdict")
+    parser.add_argument("--dpi", type=int, default=100, help="resolution of the PNG plots")
     args = parser.parse_args(argv)
     try:
         lines, events = diagnose(args.run)
@@ -177,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     for line in lines:
         print(f"  {line}")
     if not args.no_plots:
-        written = write_plots(args.run, events)
+        written = write_plots(args.run, events, args.dpi)
         if written:
             print(f"  plots: {', '.join(str(path) for path in written)}")
 

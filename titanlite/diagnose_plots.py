@@ -20,6 +20,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 EVENT_COLORS = {"spike": "tab:orange", "plateau": "tab:purple", "divergence": "tab:red", "grad_norm": "tab:brown"}
 
@@ -98,11 +99,14 @@ def points(records: list[dict], key: str) -> tuple[list[int], list[float], list[
     return steps, values, nonfinite
 
 
-def draw_series(axis, path: list[dict], abandoned: list[Abandoned], key: str, label: str, color: str) -> None:
-    """The final path as a line, abandoned branches dashed, non-finite values as x at the top."""
+def draw_series(axis, path: list[dict], abandoned: list[Abandoned], key: str, label: str, color: str,
+                main: bool = True) -> None:
+    """The final path as a line, abandoned branches dashed, non-finite values as x at the top.
+    A secondary series (`main` False) is drawn thinner, behind: with log_freq 1 it equals the main one."""
     steps, values, nonfinite = points(path, key)
     if steps:
-        axis.plot(steps, values, color=color, linewidth=1.2, label=label)
+        axis.plot(steps, values, color=color, linewidth=1.2 if main else 0.8, alpha=1.0 if main else 0.6,
+                  zorder=3 if main else 2, label=label)
     for branch in abandoned:
         branch_steps, branch_values, branch_nonfinite = points(branch.records, key)
         if len(branch_steps) > 1:
@@ -116,7 +120,7 @@ def draw_series(axis, path: list[dict], abandoned: list[Abandoned], key: str, la
 
 def draw_panel(axis, panel: Panel, path: list[dict], abandoned: list[Abandoned], events) -> None:
     for index, (key, label) in enumerate(panel.series):
-        draw_series(axis, path, abandoned if index == 0 else [], key, label, f"C{index}")
+        draw_series(axis, path, abandoned if index == 0 else [], key, label, f"C{index}", main=index == 0)
     handles_from = [axis]
     if panel.right and points(path, panel.right[0])[0]:
         right = axis.twinx()
@@ -135,6 +139,9 @@ def draw_panel(axis, panel: Panel, path: list[dict], abandoned: list[Abandoned],
     if panel.loglog:
         axis.set_xscale("log")
         axis.set_yscale("log")
+        plain = FuncFormatter(lambda value, _: f"{value:g}")  # 3 and 4, not 3x10^0 and 4x10^0
+        axis.yaxis.set_major_formatter(plain)
+        axis.yaxis.set_minor_formatter(plain)
     axis.set_title(panel.title)
     axis.set_xlabel("step")
     axis.set_ylabel(panel.ylabel)

@@ -183,7 +183,7 @@ def build_tokenizer(path: str, num_special_tokens: int | None = None) -> Tokeniz
 def default_tokenizer_warning(config) -> str | None:
     """The start-up warning for the bundled tokenizer used on other data than the default corpus, or None.
 
-    The bundled BPE (2,000 merges + 8 specials) was trained on the generated corpus only; on English
+    The bundled BPE (2,000 tokens + 8 specials) was trained on the generated corpus only; on English
     text it gives 1.4-1.7 bytes per token (measured on licence texts and this README; 1.37 on man
     pages), so a sequence holds a fraction of the text a large vocabulary would put in it.
     """
