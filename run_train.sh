@@ -7,6 +7,7 @@
 # lists the environment: NGPU, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, RDZV_ENDPOINT, RDZV_ID,
 # LOG_RANK. Paths are relative to the folder you launch from; the code is the titanlite next to
 # this script (PYTHONPATH), so a checkout runs its own code even when another one is pip-installed.
+# PYTHON picks the interpreter (default: python3 on PATH).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"

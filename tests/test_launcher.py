@@ -3,6 +3,7 @@ one line and exit code through torchrun, the user's folder kept, CONFIG_FILE; an
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -101,7 +102,10 @@ def test_the_wheel_ships_the_recipes_the_launcher_the_licence_and_its_dependenci
     setuptools = pytest.importorskip("setuptools")
     if int(setuptools.__version__.split(".")[0]) < 77:
         pytest.skip(f"setuptools {setuptools.__version__} cannot build it offline (pyproject.toml needs >= 77)")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation", "-q",
+    source = tmp_path / "source"  # a copy: building writes build/ and *.egg-info/ next to the sources
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".git", "__pycache__", "build", "*.egg-info", "outputs",
+                                                                 "runs", ".pytest_cache"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "-q",
                     "-w", str(tmp_path)], check=True, capture_output=True, timeout=300)
     (wheel,) = tmp_path.glob("titanlite-*.whl")
     with zipfile.ZipFile(wheel) as archive:

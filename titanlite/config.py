@@ -33,11 +33,9 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-# The recipes: train_configs/ of a checkout (or an editable install), else the copy a wheel ships
-# inside the package (pyproject.toml).
-CONFIG_DIR = next((folder for folder in (Path(__file__).resolve().parent.parent / "train_configs",
-                                         Path(__file__).resolve().parent / "train_configs") if folder.is_dir()),
-                  Path(__file__).resolve().parent / "train_configs")
+CONFIG_DIR = Path(__file__).resolve().parent / "train_configs"  # where a wheel ships the recipes (pyproject.toml)
+if not CONFIG_DIR.is_dir():  # a checkout or an editable install: the repository's train_configs/
+    CONFIG_DIR = CONFIG_DIR.parent.parent / "train_configs"
 
 
 class ConfigError(ValueError):

@@ -70,6 +70,7 @@ def start_wandb(settings, run_record: dict, dump_folder: Path):
     run_id = id_file.read_text().strip() if id_file.is_file() else None
     run = wandb.init(project=settings.wandb_project, name=dump_folder.resolve().name, id=run_id,
                      resume="allow" if run_id else None, dir=str(dump_folder), config=run_record)
+    id_file.parent.mkdir(parents=True, exist_ok=True)
     id_file.write_text(run.id)
     run.define_metric("*", step_metric="step")  # our step, which goes back after a rollback or resume
     return run
