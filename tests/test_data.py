@@ -303,4 +303,6 @@ def test_data_wait_warning(caplog):
         assert not warn_if_data_bound(10, 0.04, config)
         assert not warn_if_data_bound(1, 0.9, config)  # step 1 includes starting the workers
         assert warn_if_data_bound(10, 0.2, config)
+        assert not warn_if_data_bound(20, 0.9, config, first_window=True)  # a resumed run's first log step
     assert "20.0% of step time (threshold 5.0%)" in caplog.text and "raise data.num_workers (now 1)" in caplog.text
+    assert "the device waits for data" in caplog.text and "GPU" not in caplog.text  # CPU runs get it too

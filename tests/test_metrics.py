@@ -2,12 +2,16 @@
 
 import json
 import logging
+import math
+import struct
+import sys
 
 import pytest
 import torch
 
 import titanlite.metrics as metrics
-from titanlite.metrics import MetricLogger, format_record, peak_flops_per_device
+from titanlite.config import ConfigError, load_config
+from titanlite.metrics import MetricLogger, format_record, peak_flops_per_device, start_run_records, start_wandb
 
 
 class FakeClock:
@@ -113,3 +117,84 @@ def test_an_unwritable_dump_folder_is_one_config_error(tmp_path):
     blocker.write_text("not a folder")
     with pytest.raises(ConfigError, match=r"job.dump_folder=.*file/run is not writable"):
         check_dump_folder(blocker / "run")
+
+
+# --- wandb (optional extra), in its offline mode: nothing leaves the machine
+
+def offline_wandb(monkeypatch, tmp_path):
+    pytest.importorskip("wandb", reason="wandb is not installed (pip install 'titanlite[wandb]'): W&B logging untested")
+    for name, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_ERROR_REPORTING": "false"}.items():
+        monkeypatch.setenv(name, value)
+    for name in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(name, str(tmp_path / "wandb-home"))
+    return load_config(None, ["--metrics.enable_wandb", "--metrics.wandb_project", "titanlite-test"]).metrics
+
+
+def read_wandb_history(path) -> list[dict]:
+    """The rows an offline W&B run logged, read back from its transaction log (run-<id>.wandb).
+
+    The file is a 7-byte ':W&B' header, then LevelDB log records in 32 KiB blocks (each chunk: crc32c,
+    2-byte length, type 1 full / 2 first / 3 middle / 4 last), each record a wandb_internal Record protobuf.
+    """
+    from wandb.proto import wandb_internal_pb2
+
+    data, position, block, pending, rows = path.read_bytes(), 7, 32768, b"", []
+    assert data[:4] == b":W&B"
+    while position + 7 <= len(data):
+        if block - position % block < 7:  # a block's tail too short for a header is padding
+            position += block - position % block
+            continue
+        length, kind = struct.unpack("<HB", data[position + 4:position + 7])
+        pending += data[position + 7:position + 7 + length]
+        position += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            if record.WhichOneof("record_type") == "history":
+                items = {item.key or "/".join(item.nested_key): item.value_json for item in record.history.item}
+                rows.append({key: json.loads(value) for key, value in items.items()
+                             if not key.startswith("_")})  # not wandb's own _step, _runtime, _timestamp
+    return rows
+
+
+def test_wandb_logs_what_metrics_jsonl_holds(tmp_path, monkeypatch):
+    settings = offline_wandb(monkeypatch, tmp_path)
+    run = start_wandb(settings, {"training": {"steps": 3}}, tmp_path)
+    logger = MetricLogger(tmp_path, 0, flops_per_token=1000, peak_flops=1e9, tensorboard=False, jsonl=True,
+                          device=torch.device("cpu"), wandb_run=run)
+    for step, loss in [(1, 7.5), (2, math.nan), (3, 6.25), (2, 6.5)]:  # a NaN loss; steps go back after a rollback
+        logger.count(256, 0.01)
+        logger.log(step, {"loss": loss, "lr": 1e-3 * step, "overflow_steps": int(step == 2)})
+    logger.close()
+    written = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    (log_file,) = tmp_path.glob(f"wandb/offline-run-*/run-{run.id}.wandb")
+    logged = read_wandb_history(log_file)
+    assert [row["step"] for row in logged] == [1, 2, 3, 2]  # every row kept, none dropped for going back
+    assert len(logged) == len(written)
+    for row, record in zip(logged, written):
+        assert row.keys() == record.keys()
+        for key, value in record.items():
+            assert row[key] == value or (math.isnan(row[key]) and math.isnan(value)), key
+
+
+def test_a_resumed_run_continues_its_wandb_run_and_a_fresh_one_starts_another(tmp_path, monkeypatch):
+    settings = offline_wandb(monkeypatch, tmp_path)
+    first = start_wandb(settings, {}, tmp_path)
+    first.finish()
+    resumed = start_wandb(settings, {}, tmp_path)  # same folder, records not moved: a resume
+    resumed.finish()
+    assert resumed.id == first.id
+    start_run_records(tmp_path, {}, resumed=False)  # a fresh run moves the earlier records aside
+    fresh = start_wandb(settings, {}, tmp_path)
+    fresh.finish()
+    assert fresh.id != first.id
+    assert (tmp_path / "wandb" / "run_id").read_text() == fresh.id
+
+
+def test_wandb_enabled_but_missing_is_one_config_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import fails as if not installed
+    with pytest.raises(ConfigError, match=r"^metrics.enable_wandb=true but wandb is not installed: "
+                                          r"pip install 'titanlite\[wandb\]'"):
+        start_wandb(load_config(None, ["--metrics.enable_wandb"]).metrics, {}, tmp_path)
+    assert start_wandb(load_config(None).metrics, {}, tmp_path) is None  # off: wandb is never imported

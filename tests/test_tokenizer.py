@@ -175,3 +175,19 @@ def test_shipped_file_matches_training_script(tmp_path):
     ranks = script.train_bpe(script.count_pretokens(generate_documents(10_000)), 2000)
     script.write_tiktoken_bpe(ranks, tmp_path / "retrained.tiktoken")
     assert (tmp_path / "retrained.tiktoken").read_bytes() == DEFAULT_TOKENIZER_FILE.read_bytes()
+
+
+def test_default_tokenizer_warning_only_off_the_default_corpus(tokenizer):
+    from titanlite.config import load_config
+    from titanlite.tokenizer import default_tokenizer_warning
+
+    assert default_tokenizer_warning(load_config(None)) is None  # default tokenizer on the default corpus
+    assert default_tokenizer_warning(load_config(None, ["--data.source", "data/fw", "--tokenizer.path",
+                                                        "llama3/tokenizer.model"])) is None
+    warning = default_tokenizer_warning(load_config(None, ["--data.source", "data/fw"]))
+    assert "\n" not in warning and "data.source=data/fw" in warning and "~1.4 bytes per token" in warning
+    # The figure it quotes: English prose through the bundled BPE, counted here (this module's own docstrings).
+    import titanlite.tokenizer as module
+
+    text = " ".join(part for part in (module.__doc__, module.default_tokenizer_warning.__doc__))
+    assert 1.2 < len(text.encode()) / len(tokenizer.encode(text)) < 2.0

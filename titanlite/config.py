@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import importlib.util
 import json
 import math
 import os
@@ -33,7 +34,9 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "train_configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "train_configs"  # where a wheel ships the recipes (pyproject.toml)
+if not CONFIG_DIR.is_dir():  # a checkout or an editable install: the repository's train_configs/
+    CONFIG_DIR = CONFIG_DIR.parent.parent / "train_configs"
 
 
 class ConfigError(ValueError):
@@ -189,6 +192,9 @@ class Metrics:
     enable_jsonl: bool = setting(True, "write metrics.jsonl in the dump folder")
     peak_flops: float = setting(0.0, "peak dense bf16 FLOP/s per device for MFU; 0 = by device name", ge=0)
     data_wait_warn_fraction: float = setting(0.05, "warn when the loader takes more of a step than this", ge=0, le=1)
+    enable_wandb: bool = setting(False, "also log to Weights & Biases (pip install 'titanlite[wandb]'; "
+                                        "WANDB_MODE=offline needs no network)")
+    wandb_project: str = setting("titanlite", "W&B project; the run is named after job.dump_folder")
 
 
 @dataclass
@@ -418,6 +424,9 @@ def validate(config: Config) -> None:
         raise ConfigError(f"model.attention_head_dim={model.attention_head_dim}: must be 0 (auto) or >= the head "
                           f"dim {head_dim}")
     _validate_tensor_parallel(config)
+    if config.metrics.enable_wandb and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("metrics.enable_wandb=true but wandb is not installed: pip install 'titanlite[wandb]' "
+                          "or set metrics.enable_wandb=false")
     health, profiling = config.health, config.profiling
     if health.spike_min_history > health.spike_window:
         raise ConfigError(f"health.spike_min_history={health.spike_min_history}: must be <= health.spike_window="

@@ -335,14 +335,15 @@ def build_dataloader(config: Config, tokenizer: Tokenizer, dp_rank: int, dp_degr
                           config.training.seed, rows.name)
 
 
-def warn_if_data_bound(step: int, data_wait_fraction: float, config: Config) -> bool:
+def warn_if_data_bound(step: int, data_wait_fraction: float, config: Config, first_window: bool = False) -> bool:
     """Warn (and return True) when the loader took more than metrics.data_wait_warn_fraction of the
-    steps since the last log line; step 1 is exempt (it includes starting the workers)."""
+    steps since the last log line. The process's first log window is exempt (`first_window`, and
+    always step 1): it includes starting the workers, and after a resume the checkpoint load too."""
     threshold = config.metrics.data_wait_warn_fraction
-    if step <= 1 or threshold <= 0 or data_wait_fraction <= threshold:
+    if step <= 1 or first_window or threshold <= 0 or data_wait_fraction <= threshold:
         return False
     logger.warning(
-        "data loading took %.1f%% of step time (threshold %.1f%%): the GPU waits for data. Remedies: raise "
+        "data loading took %.1f%% of step time (threshold %.1f%%): the device waits for data. Remedies: raise "
         "data.num_workers (now %d) and data.prefetch_factor (now %d), keep data.pin_memory=true, put the shards on "
         "faster local storage, and prepare the data with titanlite.prepare instead of tokenizing on the fly",
         100 * data_wait_fraction, 100 * threshold, config.data.num_workers, config.data.prefetch_factor)

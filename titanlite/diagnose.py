@@ -4,9 +4,10 @@ Reads <run>/metrics.jsonl (one record per log step) and <run>/health.jsonl (the 
 trainer found, from every step). Prints one line per finding with the recipe's action:
     healthy | spikes at steps ... | plateau since step ... | diverged at step ... |
     grad norm far above grad_clip | data bound | MFU low
-and writes PNG plots to <run>/diagnose/ (loss on log-log axes with the events marked, grad norm,
-LR, throughput and MFU, data-wait). Plots need matplotlib (`pip install titanlite[plot]`);
-without it the text verdict still works.
+and writes PNG plots to <run>/diagnose/ (titanlite/diagnose_plots.py: loss on log-log axes with
+the events marked, grad norm against grad_clip, LR, throughput and MFU, data wait, and all of them
+in overview.png; abandoned steps of a rollback or resume drawn apart). Plots need matplotlib
+(`pip install titanlite[plot]`); without it the text verdict still works.
 
 Runs without health.jsonl (health off, or another trainer's metrics) are judged by replaying the
 logged losses through the same detectors, with their windows scaled to the log interval.
@@ -33,7 +34,7 @@ ADVICE = {
     "divergence": "stop, roll back to the last good checkpoint, lower the LR sharply (halve it), and inspect the "
                   "code (RoPE scaling, precision) and the data",
     "grad_norm": "the pre-clip grad norm is often far above grad_clip: the LR is too high; lower it",
-    "data": "the GPU waits for data: raise data.num_workers, keep data.pin_memory on, look for GIL-bound "
+    "data": "the device waits for data: raise data.num_workers, keep data.pin_memory on, look for GIL-bound "
             "preprocessing, check the storage's read throughput",
     "mfu": "profile a few steps (profiling.enable_profiling=true) and look for the bottleneck: data loading, "
            "all-reduce/all-gather, or the optimizer step (CPU offload)",
@@ -97,10 +98,7 @@ def diagnose(run: Path) -> tuple[list[str], list[Event]]:
     if by_signal["divergence"]:
         first = by_signal["divergence"][0]
         lines.append(f"diverged at step {first.step} ({first.message}) -> {ADVICE['divergence']}")
-        rollbacks = [e for e in logged if e.get("action") == "rollback"]
-        if rollbacks:
-            lines.append(f"  the trainer rolled back {len(rollbacks)} time(s); last LR scale "
-                         f"{records[-1].get('lr_scale', 'n/a')}")
+        lines += rollback_lines(records, logged, settings)
     if by_signal["spike"]:
         steps = [e.step for e in by_signal["spike"]]
         early = [s for s in steps if s <= settings.early_steps]
@@ -129,65 +127,39 @@ def diagnose(run: Path) -> tuple[list[str], list[Event]]:
     return lines, events
 
 
+def rollback_lines(records: list[dict], logged: list[dict], settings: Health) -> list[str]:
+    """What the trainer did about it: the rollbacks it made (the health monitor's count, logged with
+    every record), and a rollback it was asked for but could not make (the run then stopped)."""
+    done = max((int(r.get("rollbacks", 0)) for r in records), default=0)
+    asked = [e for e in logged if e.get("action") == "rollback"]
+    lines = []
+    if done:
+        lines.append(f"  the trainer rolled back {done} time(s); LR scale now {records[-1].get('lr_scale', 'n/a')}")
+    if len(asked) > done:
+        why = (f"health.max_rollbacks={settings.max_rollbacks} were used up" if done >= settings.max_rollbacks
+               else f"no checkpoint predates step {asked[-1].get('start_step', asked[-1]['step'])}")
+        lines.append(f"  no rollback for the {asked[-1]['signal']} at step {asked[-1]['step']} ({why}): the run "
+                     f"stopped after step {records[-1]['step']}")
+    return lines
+
+
 def median(values) -> float | None:
     values = sorted(v for v in values if isinstance(v, (int, float)) and math.isfinite(v))
     return values[len(values) // 2] if values else None
 
 
-def write_plots(run: Path, events: list[Event]) -> list[Path]:
-    """PNG plots in <run>/diagnose/; [] when matplotlib is missing."""
+def write_plots(run: Path, events: list[Event], dpi: int = 100) -> list[Path]:
+    """PNG plots in <run>/diagnose/ (titanlite/diagnose_plots.py); [] when matplotlib is missing."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # files only, no display
-        import matplotlib.pyplot as plt
+        import matplotlib  # noqa: F401  (the optional plot extra)
     except ImportError:
         print("titanlite.diagnose: matplotlib is not installed, no plots (pip install 'titanlite[plot]')",
               file=sys.stderr)
         return []
-    records = [r for r in read_jsonl(run / "metrics.jsonl") if "step" in r]
-    folder = run / "diagnose"
-    folder.mkdir(exist_ok=True)
+    from titanlite.diagnose_plots import write_plots as write_panels
 
-    def series(key):
-        points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))
-                  and math.isfinite(r[key])]
-        return ([p[0] for p in points], [p[1] for p in points])
-
-    colors = {"spike": "tab:orange", "plateau": "tab:purple", "divergence": "tab:red", "grad_norm": "tab:brown"}
-    plots = [("loss.png", "loss (log-log: healthy is a straight line)", ["loss", "loss_max_step"], True),
-             ("grad_norm.png", "grad norm before clipping", ["grad_norm", "grad_norm_max"], False),
-             ("lr.png", "learning rate", ["lr"], False),
-             ("throughput.png", "tokens/s per device and MFU %", ["tokens_per_second_per_device", "mfu_percent"], False),
-             ("data_wait.png", "fraction of time waiting for data", ["data_wait_fraction"], False)]
-    written = []
-    for name, title, keys, loglog in plots:
-        figure, axis = plt.subplots(figsize=(8, 4.5))
-        for index, key in enumerate(keys):
-            xs, ys = series(key)
-            if not xs:
-                continue
-            target = axis.twinx() if name == "throughput.png" and index == 1 else axis
-            target.plot(xs, ys, label=key, color=f"C{index}", linewidth=1)
-            target.set_ylabel(key)
-        if loglog:
-            axis.set_xscale("log")
-            axis.set_yscale("log")
-        if name in ("loss.png", "grad_norm.png"):
-            for event in events:
-                axis.axvline(event.step, color=colors.get(event.signal, "gray"), alpha=0.6, linestyle="--",
-                             label=event.signal)
-        handles, labels = axis.get_legend_handles_labels()
-        unique = dict(zip(labels, handles))
-        if unique:
-            axis.legend(unique.values(), unique.keys(), fontsize=8)
-        axis.set_title(title)
-        axis.set_xlabel("step")
-        figure.tight_layout()
-        figure.savefig(folder / name, dpi=100)
-        plt.close(figure)
-        written.append(folder / name)
-    return written
+    _, grad_clip, _, wait_limit, _ = run_settings(run)
+    return write_panels(run / "diagnose", read_jsonl(run / "metrics.jsonl"), events, grad_clip, wait_limit, dpi)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -195,6 +167,7 @@ def main(argv: list[str] | None = None) -> None:
                                                  "loss-curve reading) and plot it.")
     parser.add_argument("run", type=Path, help="the run folder (job.dump_folder)")
     parser.add_argument("--no-plots", action="store_true", help="only print the verdict")
+    parser.add_argument("--dpi", type=int, default=100, help="resolution of the PNG plots")
     args = parser.parse_args(argv)
     try:
         lines, events = diagnose(args.run)
@@ -205,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     for line in lines:
         print(f"  {line}")
     if not args.no_plots:
-        written = write_plots(args.run, events)
+        written = write_plots(args.run, events, args.dpi)
         if written:
             print(f"  plots: {', '.join(str(path) for path in written)}")
 

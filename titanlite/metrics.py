@@ -25,7 +25,7 @@ PEAK_BF16_FLOPS = {
 
 
 # A run's records in its folder: a fresh run starts them anew, a resumed run continues them.
-RUN_RECORDS = ("config.json", "metrics.jsonl", "health.jsonl", "tb", "spikes", "diagnose")
+RUN_RECORDS = ("config.json", "metrics.jsonl", "health.jsonl", "tb", "wandb", "spikes", "diagnose")
 
 
 def check_dump_folder(folder: Path) -> None:
@@ -51,6 +51,29 @@ def start_run_records(folder: Path, run_record: dict, resumed: bool) -> None:
         logger.warning("job.dump_folder=%s held an earlier run's records (%s): moved to %s; this run starts new "
                        "ones", folder, ", ".join(earlier), aside)
     (folder / "config.json").write_text(json.dumps(run_record, indent=2))
+
+
+def start_wandb(settings, run_record: dict, dump_folder: Path):
+    """The W&B run of metrics.enable_wandb (call on rank 0, after start_run_records), or None.
+
+    wandb is an optional extra, imported only here. A resumed run continues the same W&B run (its
+    id is kept in <run>/wandb/run_id; a fresh run's start_run_records moves that folder aside).
+    """
+    if not settings.enable_wandb:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        raise ConfigError("metrics.enable_wandb=true but wandb is not installed: pip install 'titanlite[wandb]' "
+                          "or set metrics.enable_wandb=false") from None
+    id_file = dump_folder / "wandb" / "run_id"  # wandb itself writes into <dir>/wandb/
+    run_id = id_file.read_text().strip() if id_file.is_file() else None
+    run = wandb.init(project=settings.wandb_project, name=dump_folder.resolve().name, id=run_id,
+                     resume="allow" if run_id else None, dir=str(dump_folder), config=run_record)
+    id_file.parent.mkdir(parents=True, exist_ok=True)
+    id_file.write_text(run.id)
+    run.define_metric("*", step_metric="step")  # our step, which goes back after a rollback or resume
+    return run
 
 
 def init_logging(rank: int) -> None:
@@ -96,11 +119,13 @@ class MetricLogger:
     """
 
     def __init__(self, dump_folder: Path, rank: int, flops_per_token: int, peak_flops: float,
-                 tensorboard: bool, jsonl: bool, device: torch.device, total_steps: int = 0, start_step: int = 0):
+                 tensorboard: bool, jsonl: bool, device: torch.device, total_steps: int = 0, start_step: int = 0,
+                 wandb_run=None):
         self.rank, self.flops_per_token, self.peak_flops, self.device = rank, flops_per_token, peak_flops, device
         self.total_steps, self.window_first_step = total_steps, start_step + 1  # progress and ETA
         self.jsonl = None
         self.writer = None
+        self.wandb_run = wandb_run  # start_wandb's run: every record goes to it as written to metrics.jsonl
         if rank == 0:
             dump_folder.mkdir(parents=True, exist_ok=True)
             if jsonl:
@@ -148,6 +173,8 @@ class MetricLogger:
                 for key, value in record.items():
                     if key not in ("step", "time") and isinstance(value, (int, float)):
                         self.writer.add_scalar(key, value, step)
+            if self.wandb_run is not None:
+                self.wandb_run.log(record)
         self.window_start, self.window_tokens, self.window_data_wait = time.perf_counter(), 0, 0.0
         self.window_first_step = step + 1
         return record
@@ -157,6 +184,8 @@ class MetricLogger:
             self.jsonl.close()
         if self.writer:
             self.writer.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
 
 
 def format_duration(seconds: float) -> str:

@@ -24,13 +24,15 @@ from titanlite.data import DataError, build_dataloader, check_data_source, warn_
 from titanlite.health import HealthMonitor, HealthStop
 from titanlite.health_detectors import Event
 from titanlite.loss import cross_entropy_per_sample, valid_tokens_per_sample
-from titanlite.metrics import MetricLogger, check_dump_folder, init_logging, peak_flops_per_device, start_run_records
+from titanlite.launch import report_to_launcher
+from titanlite.metrics import (MetricLogger, check_dump_folder, init_logging, peak_flops_per_device, start_run_records,
+                               start_wandb)
 from titanlite.model import build_model
 from titanlite.optim import build_optimizer, learning_rate, set_learning_rate, step_unless_nonfinite
 from titanlite.parallelize import (ParallelDims, clip_grad_norm, compile_loss, init_weights_layout_independent,
                                    loss_context, parallelize)
 from titanlite.profiling import OutOfMemory, TrainingProfiler, report_oom
-from titanlite.tokenizer import TokenizerError, build_tokenizer
+from titanlite.tokenizer import TokenizerError, build_tokenizer, default_tokenizer_warning
 from titanlite.validation import Validator
 
 logger = logging.getLogger("titanlite")
@@ -148,6 +150,8 @@ def train(config: Config) -> list[dict]:
     rank = dist.get_rank() if dist.is_initialized() else 0
     init_logging(rank)
     tokenizer = build_tokenizer(config.tokenizer.path)
+    if rank == 0 and (warning := default_tokenizer_warning(config)):
+        logger.warning(warning)
     check_data_source(config, tokenizer)  # a missing or mismatched data.source stops the run before any work
     dtype = getattr(torch, compute_dtype(config, device.type))
     attention_head_dim = choose_attention_head_dim(  # never a silent fallback to the math kernel
@@ -194,7 +198,8 @@ def train(config: Config) -> list[dict]:
     metrics = MetricLogger(dump_folder, rank, model.flops_per_token(config.training.seq_len),
                            peak_flops_per_device(device, config.metrics.peak_flops),
                            config.metrics.enable_tensorboard, config.metrics.enable_jsonl, device,
-                           run.total_steps, train_state.step)
+                           run.total_steps, train_state.step,
+                           start_wandb(config.metrics, run.to_dict(), dump_folder) if rank == 0 else None)
     logger.info("model: %s parameters (%s without the embedding), %s FLOPs/token, %d grad-accum steps",
                 f"{model.num_params():,}", f"{model.num_params(exclude_embedding=True):,}",
                 f"{model.flops_per_token(config.training.seq_len):,}", run.grad_accum_steps)
@@ -234,8 +239,7 @@ def train(config: Config) -> list[dict]:
                     profiler.expected_compilation()  # the blocks ran without gradients: compiled once more
                 record = metrics.log(step, {**window, "lr": lr, "tokens_seen": train_state.tokens_seen, **validation,
                                             **profiler.on_log_step(step)}, validation_seconds)
-                if metrics.history[0] is not record:  # the first window of a process holds its start-up
-                    warn_if_data_bound(step, record["data_wait_fraction"], config)
+                warn_if_data_bound(step, record["data_wait_fraction"], config, first_window=len(metrics.history) == 1)
                 if step == 1 and config.compile.enable:
                     logger.info("compile: first step took %.1f s (torch.compile included)",
                                 time.perf_counter() - loop_start)
@@ -299,6 +303,7 @@ def main(argv: list[str] | None = None) -> None:
     except USER_ERRORS as error:  # a person can fix these: one line, no traceback, a telling exit code
         label, code = next((label, code) for kind, label, code in _USER_ERROR_TABLE if isinstance(error, kind))
         print(f"titanlite: {label}{error}", file=sys.stderr)
+        report_to_launcher(f"titanlite: {label}{error}")
         sys.exit(code)
     finally:
         if dist.is_initialized():
