@@ -26,6 +26,8 @@ from titanlite.config import Health
 from titanlite.health_detectors import Detectors, Event
 
 ADVICE = {
+    "overfit": "the model fits the training data better than held-out data: more (or more varied) data, fewer "
+               "epochs over it, check that validation.source is held out and drawn like the training data",
     "spike": "if rare, ignore; if frequent, lower the LR or fix data cleaning. Early spikes (first ~1k steps) "
              "are a strong signal: inspect the captured batches in spikes/ (90% are data problems), consider "
              "a longer warmup or a lower initial LR",
@@ -118,6 +120,7 @@ def diagnose(run: Path) -> tuple[list[str], list[Event]]:
     mfu = median([r.get("mfu_percent") for r in steady])
     if mfu is not None and mfu < mfu_limit:
         lines.append(f"MFU low: {mfu:.1f}% (median; 50-60% is excellent for a 7B on H100) -> {ADVICE['mfu']}")
+    lines += validation_lines(records)
     overflow = records[-1].get("overflow_steps", 0)
     if overflow:
         lines.append(f"note: {overflow} step(s) skipped for non-finite gradients; occasional is fine, growth is not")
@@ -125,6 +128,25 @@ def diagnose(run: Path) -> tuple[list[str], list[Event]]:
         lines.insert(0, f"healthy: loss {records[0]['loss']:.4g} -> {records[-1]['loss']:.4g} over steps "
                         f"{records[0]['step']}..{records[-1]['step']}, no spikes, plateau or divergence")
     return lines, events
+
+
+def validation_lines(records: list[dict], rising_evaluations: int = 3, gap_ratio: float = 1.1) -> list[str]:
+    """The train/val verdict: overfitting (val loss up `rising_evaluations` times in a row while the
+    training loss falls), a wide gap (val above `gap_ratio` x train at the last evaluation), or the gap."""
+    evaluated = [r for r in records if isinstance(r.get("val_loss"), (int, float)) and math.isfinite(r["val_loss"])]
+    if not evaluated:
+        return []
+    last = evaluated[-1]
+    recent = evaluated[-(rising_evaluations + 1):]
+    rising = len(recent) == rising_evaluations + 1 and all(a["val_loss"] < b["val_loss"] for a, b in zip(recent, recent[1:]))
+    if rising and recent[-1]["loss"] < recent[0]["loss"]:
+        return [f"overfitting: val_loss rose at each of the last {rising_evaluations} evaluations "
+                f"({recent[0]['val_loss']:.4g} at step {recent[0]['step']} -> {last['val_loss']:.4g} at step "
+                f"{last['step']}) while the training loss fell -> {ADVICE['overfit']}"]
+    gap = f"val_loss {last['val_loss']:.4g} vs training loss {last['loss']:.4g} at step {last['step']}"
+    if last["val_loss"] > gap_ratio * last["loss"]:
+        return [f"train/val gap: {gap} -> {ADVICE['overfit']}"]
+    return [f"note: {gap}"]
 
 
 def rollback_lines(records: list[dict], logged: list[dict], settings: Health) -> list[str]:

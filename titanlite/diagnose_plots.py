@@ -72,7 +72,8 @@ class Panel:
 def panels(grad_clip: float, data_wait_limit: float) -> list[Panel]:
     return [
         Panel("loss", "loss (log-log: healthy is a straight line)", "loss (nats per token)",
-              [("loss", "loss"), ("loss_max_step", "worst step of the log window")], loglog=True, events=True),
+              [("loss", "loss"), ("loss_max_step", "worst step of the log window"), ("val_loss", "validation loss")],
+              loglog=True, events=True),
         Panel("grad_norm", "global grad norm before clipping", "grad norm (L2, before clipping)",
               [("grad_norm", "grad norm"), ("grad_norm_max", "largest of the log window")], events=True,
               limit=(grad_clip, f"grad_clip = {grad_clip:g}") if grad_clip > 0 else None),
