@@ -15,6 +15,7 @@ from titanlite.config import Model as ModelConfig
 from titanlite.generate import choose_token, generate, load_model, main, nucleus_mask
 from titanlite.kv_cache import KVCache
 from titanlite.model import build_model
+from titanlite.tokenizer import build_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = [3, 17, 60, 41, 88, 5]
@@ -171,16 +172,17 @@ def test_load_model_in_bfloat16_keeps_rope_in_float32(checkpoint):
 # --- command line
 
 def test_cli_prints_the_completion_and_its_ids(checkpoint):
+    """40 new tokens past a 32-token training context: a warning, and RoPE tables long enough."""
     result = subprocess.run([sys.executable, "-m", "titanlite.generate", str(checkpoint), "--prompt",
-                             "The river", "--max-new-tokens", "12", "--json"],
+                             "The river", "--max-new-tokens", "40", "--json"],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+    assert "past the 32 the model was trained on" in result.stderr
     output = json.loads(result.stdout)
-    model, _ = load_model(checkpoint)
-    from titanlite.tokenizer import build_tokenizer
     tokenizer = build_tokenizer("default")
     assert output["prompt_ids"] == [tokenizer.eos_id, *tokenizer.encode("The river")]
-    expected = [token for token, _ in generate(model, output["prompt_ids"], 12, stop_id=tokenizer.eos_id,
+    model, _ = load_model(checkpoint, max_seq_len=len(output["prompt_ids"]) + 40)
+    expected = [token for token, _ in generate(model, output["prompt_ids"], 40, stop_id=tokenizer.eos_id,
                                                vocab_size=tokenizer.vocab_size)]
     assert output["completion_ids"] == [token for token in expected if token != tokenizer.eos_id]
     assert output["completion"] == tokenizer.decode(output["completion_ids"])

@@ -23,7 +23,7 @@ from typing import Iterator
 
 import torch
 
-from titanlite.checkpoint_files import STEP_FOLDER, CheckpointError, load_model_weights
+from titanlite.checkpoint_files import STEP_FOLDER, CheckpointError, load_model_weights, read_checkpoint
 from titanlite.config import Model as ModelConfig
 from titanlite.kv_cache import KVCache
 from titanlite.model import Transformer, build_model
@@ -94,11 +94,6 @@ def load_model(checkpoint: Path, device: torch.device | str = "cpu", dtype: torc
     max_seq_len: tokens the RoPE tables must cover (at least the trained seq_len).
     """
     checkpoint = Path(checkpoint)
-    if checkpoint.is_dir() and not (checkpoint / "meta.json").exists():
-        steps = sorted(path for path in checkpoint.iterdir() if STEP_FOLDER.match(path.name))
-        if steps:
-            raise CheckpointError(f"{checkpoint} is a folder of checkpoints, not one: pass one of them, "
-                                  f"e.g. {steps[-1]}")
     weights, meta = load_model_weights(checkpoint)
     saved = meta.get("config") or {}
     try:
@@ -122,6 +117,17 @@ def load_model(checkpoint: Path, device: torch.device | str = "cpu", dtype: torc
                           assign=True)
     model.rope_cos, model.rope_sin = rope_tables(config, model.max_seq_len, device)  # fp32, never cast
     return model.eval(), meta
+
+
+def read_meta(checkpoint: Path) -> dict:
+    """meta.json of one complete checkpoint; a CheckpointError saying what to pass if it is not one."""
+    checkpoint = Path(checkpoint)
+    if checkpoint.is_dir() and not (checkpoint / "meta.json").exists():
+        steps = sorted(path for path in checkpoint.iterdir() if STEP_FOLDER.match(path.name))
+        if steps:
+            raise CheckpointError(f"{checkpoint} is a folder of checkpoints, not one: pass one of them, "
+                                  f"e.g. {steps[-1]}")
+    return read_checkpoint(checkpoint)[0]
 
 
 # --- command line
@@ -164,22 +170,21 @@ def run(args: argparse.Namespace) -> dict:
     check_arguments(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    model, meta = load_model(args.checkpoint, device, dtype)
-    tokenizer_path = args.tokenizer or meta["config"].get("tokenizer", {}).get("path", "default")
+    config = read_meta(args.checkpoint).get("config") or {}  # checks before the weights are read
+    tokenizer_path = args.tokenizer or config.get("tokenizer", {}).get("path", "default")
     tokenizer = build_tokenizer(tokenizer_path)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise GenerateError(f"tokenizer {tokenizer_path} has {tokenizer.vocab_size} ids but the model only "
-                            f"{model.config.vocab_size}: pass the tokenizer the checkpoint was trained with (--tokenizer)")
     prompt_ids = tokenizer.encode(args.prompt)
     if not prompt_ids:
         raise GenerateError(f"--prompt {args.prompt!r} encodes to no tokens: give some text")
     prompt = [tokenizer.eos_id, *prompt_ids]  # a new document, as training saw them: after an EOS
-    total = len(prompt) + args.max_new_tokens
-    if total > model.max_seq_len:
-        print(f"titanlite.generate: warning: {total} tokens exceed the {model.max_seq_len} the model was trained "
-              f"on; expect worse text past that", file=sys.stderr)
-        model.max_seq_len = total
-        model.rope_cos, model.rope_sin = rope_tables(model.config, total, device)
+    total, trained_len = len(prompt) + args.max_new_tokens, config.get("training", {}).get("seq_len", 0)
+    if trained_len and total > trained_len:
+        print(f"titanlite.generate: warning: up to {total} tokens, past the {trained_len} the model was trained "
+              f"on: expect worse text past that", file=sys.stderr)
+    model, meta = load_model(args.checkpoint, device, dtype, max_seq_len=total)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise GenerateError(f"tokenizer {tokenizer_path} has {tokenizer.vocab_size} ids but the model only "
+                            f"{model.config.vocab_size}: pass the tokenizer the checkpoint was trained with (--tokenizer)")
     generator = torch.Generator(device=device).manual_seed(args.seed)
     started = time.perf_counter()
     completion, stop_reason = [], "max_new_tokens"

@@ -16,12 +16,11 @@ Initialization (LLaMA / GPT-2 style, as torchtitan does it):
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from typing import TYPE_CHECKING
 
 from titanlite.attention import build_attention
 from titanlite.config import Model as ModelConfig
