@@ -16,6 +16,7 @@ Initialization (LLaMA / GPT-2 style, as torchtitan does it):
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,9 @@ from torch import nn
 from titanlite.attention import build_attention
 from titanlite.config import Model as ModelConfig
 from titanlite.rope import attention_softmax_scale, rope_tables
+
+if TYPE_CHECKING:
+    from titanlite.kv_cache import KVCache, LayerKVCache
 
 
 class RMSNorm(nn.Module):
@@ -67,13 +71,17 @@ class Attention(nn.Module):
         self.softmax_scale: float | None = attention_softmax_scale(config)  # None = 1/sqrt(head_dim)
         self.attention_fn = build_attention(config)  # causal SDPA or document-masked FlexAttention, maybe padded
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask=None,
+                cache: LayerKVCache | None = None) -> torch.Tensor:
         batch, seq, _ = x.shape
         # -1 instead of n_heads: under tensor parallelism each rank holds only its share of heads.
-        q = apply_rope(self.wq(x).view(batch, seq, -1, self.head_dim), cos, sin)
-        k = apply_rope(self.wk(x).view(batch, seq, -1, self.head_dim), cos, sin)
-        v = self.wv(x).view(batch, seq, -1, self.head_dim)
-        out = self.attention_fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.softmax_scale, mask)
+        q = apply_rope(self.wq(x).view(batch, seq, -1, self.head_dim), cos, sin).transpose(1, 2)
+        k = apply_rope(self.wk(x).view(batch, seq, -1, self.head_dim), cos, sin).transpose(1, 2)
+        v = self.wv(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        if cache is None:
+            out = self.attention_fn(q, k, v, self.softmax_scale, mask)
+        else:  # generation: the new tokens also attend to the cached ones (kv_cache.py)
+            out = cache.attend(q, k, v, self.softmax_scale)
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
@@ -96,8 +104,8 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
         self.feed_forward = FeedForward(config.dim, config.intermediate_size)
 
-    def forward(self, x, cos, sin, mask=None):
-        h = x + self.attention(self.attention_norm(x), cos, sin, mask)
+    def forward(self, x, cos, sin, mask=None, cache: LayerKVCache | None = None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache=cache)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -146,21 +154,27 @@ class Transformer(nn.Module):
         nn.init.trunc_normal_(self.output.weight, std=head_std, a=-3 * head_std, b=3 * head_std)
         self.init_rope()
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, mask=None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, mask=None,
+                cache: KVCache | None = None) -> torch.Tensor:
         """tokens (batch, seq) int64 -> logits (batch, seq, vocab).
 
         positions (batch, seq): RoPE position of each token (restarting per document if the data
         says so); None = 0..seq-1. mask: a FlexAttention BlockMask (attention.document_mask) shared
-        by every layer, or None for plain causal attention.
+        by every layer, or None for plain causal attention. cache (generation only, with
+        positions=None): `tokens` continue the `cache.length` cached ones, at those positions on,
+        and their keys and values join the cache.
         """
         seq = tokens.shape[1]
+        start = 0 if cache is None else cache.length
         if positions is None:
-            cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
+            cos, sin = self.rope_cos[start:start + seq], self.rope_sin[start:start + seq]
         else:
             cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         h = self.tok_embeddings(tokens)
-        for block in self.layers.values():
-            h = block(h, cos, sin, mask)
+        for name, block in self.layers.items():
+            h = block(h, cos, sin, mask) if cache is None else block(h, cos, sin, mask, cache=cache.layer(int(name)))
+        if cache is not None:
+            cache.length += seq
         return self.output(self.norm(h))
 
     def num_params(self, exclude_embedding: bool = False) -> int:
