@@ -42,7 +42,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from titanlite import checkpoint_files  # noqa: E402
 from titanlite.checkpoint import Checkpointer, TrainState  # noqa: E402
-from titanlite.config import load_config, resolve  # noqa: E402
+from titanlite.config import load_config  # noqa: E402
+from titanlite.resolve import resolve  # noqa: E402
 from titanlite.model import build_model  # noqa: E402
 from titanlite.optim import build_optimizer  # noqa: E402
 from titanlite.parallelize import ParallelDims  # noqa: E402

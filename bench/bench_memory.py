@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from titanlite import parallelize as parallel  # noqa: E402
 from titanlite import train as trainer  # noqa: E402
 from titanlite.attention import choose_attention_head_dim  # noqa: E402
-from titanlite.config import load_config, resolve  # noqa: E402
+from titanlite.config import load_config  # noqa: E402
+from titanlite.resolve import resolve  # noqa: E402
 from titanlite.loss import cross_entropy_per_sample  # noqa: E402
 from titanlite.model import build_model  # noqa: E402
 from titanlite.optim import build_optimizer  # noqa: E402

@@ -28,7 +28,7 @@ from titanlite.checkpoint import Checkpointer, CheckpointError, TrainState, load
 from titanlite.config import load_config
 from titanlite.model import build_model
 from titanlite.optim import build_optimizer
-from titanlite.config import resolve
+from titanlite.resolve import resolve
 from titanlite.parallelize import ParallelDims
 from titanlite.train import train
 

@@ -5,7 +5,8 @@ import sys
 
 import pytest
 
-from titanlite.config import ConfigError, load_config, render, resolve
+from titanlite.config import ConfigError, load_config
+from titanlite.resolve import render, resolve
 
 
 def write(tmp_path, text):
@@ -182,7 +183,7 @@ def test_a_step_budget_is_needed_to_train_not_to_load():
 
 
 def test_padded_vocab_size():
-    from titanlite.config import padded_vocab_size
+    from titanlite.resolve import padded_vocab_size
     assert padded_vocab_size(2008, 128) == 2048
     assert padded_vocab_size(128256, 128) == 128256
     assert padded_vocab_size(1, 64) == 64

@@ -122,7 +122,7 @@ def _fsdp_checkpoint_then_greedy(folder: str, prompt: list[int], steps: int) -> 
     """Train 4 steps under FSDP on 2 ranks (saving step 4), load that checkpoint into a fresh FSDP model
     and generate greedily with the sharded model, recomputing the whole sequence each step."""
     from titanlite.checkpoint import Checkpointer, TrainState
-    from titanlite.config import resolve
+    from titanlite.resolve import resolve
     from titanlite.parallelize import ParallelDims, parallelize
     from titanlite.train import train
 

@@ -277,7 +277,7 @@ def test_ranks_agree_on_the_window_and_capture_gathers_every_rank(tmp_path):
 def test_stop_wins_over_rollback_and_rollback_without_checkpoint_stops(tmp_path, monkeypatch):
     from titanlite.checkpoint import Checkpointer, TrainState
     from titanlite.health import HealthStop
-    from titanlite.config import resolve
+    from titanlite.resolve import resolve
     from titanlite.health_detectors import Event
     from titanlite.parallelize import ParallelDims
     from titanlite.train import roll_back, stop

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from titanlite.config import load_config, resolve
+from titanlite.config import load_config
+from titanlite.resolve import resolve
 from titanlite.model import build_model
 from titanlite.optim import build_optimizer, learning_rate, lr_multiplier, set_learning_rate
 

@@ -128,7 +128,7 @@ def test_four_process_layouts_match_single_process(reference, four_process_runs)
 # --- the mesh and the TP plan
 
 def test_mesh_that_does_not_fit_the_world_is_refused():
-    from titanlite.config import resolve
+    from titanlite.resolve import resolve
 
     config = load_config("debug_model", ["--parallelism.tensor_parallel_degree", "4"])
     with pytest.raises(ConfigError, match="world size 6 is not divisible by tensor_parallel_degree=4"):
@@ -154,7 +154,7 @@ def inspect_fsdp_tp_layout():
     from torch.distributed.tensor import DTensor, Shard
 
     from titanlite.model import build_model
-    from titanlite.config import resolve
+    from titanlite.resolve import resolve
     from titanlite.parallelize import ParallelDims, init_weights_layout_independent, loss_context, parallelize
 
     config = tiny_config("unused", *TINY, "--parallelism.tensor_parallel_degree", "2")

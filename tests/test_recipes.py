@@ -6,7 +6,8 @@ import re
 
 import pytest
 
-from titanlite.config import CONFIG_DIR, load_config, resolve
+from titanlite.config import CONFIG_DIR, load_config
+from titanlite.resolve import resolve
 
 # Table A (4k) per model size; Table B changes only what TABLE_B lists.
 TABLE_A = {

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from conftest import tiny_config
 from distributed import run_distributed
-from titanlite.config import resolve
+from titanlite.resolve import resolve
 from titanlite.corpus import DEFAULT_CORPUS_SEED, generate_documents
 from titanlite.data import DataError
 from titanlite.loss import IGNORE_INDEX

@@ -14,7 +14,8 @@ import math
 import torch
 from torch import nn
 
-from titanlite.config import Config, Run
+from titanlite.config import Config
+from titanlite.resolve import Run
 
 logger = logging.getLogger("titanlite")
 

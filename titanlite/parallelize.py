@@ -20,7 +20,8 @@ from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInp
                                                SequenceParallel, loss_parallel, parallelize_module)
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from titanlite.config import Config, Run
+from titanlite.config import Config
+from titanlite.resolve import Run
 
 logger = logging.getLogger("titanlite")
 

@@ -28,7 +28,8 @@ import math
 import sys
 from dataclasses import dataclass
 
-from titanlite.config import Config, ConfigError, Run, data_parallel_shape, load_config, resolve
+from titanlite.config import Config, ConfigError, load_config
+from titanlite.resolve import Run, data_parallel_shape, resolve
 
 GIB = 2**30
 # Measured on 4 x H100, torchtitan, the 7B shape: FSDP 4 gave 11,713 tokens/s/GPU and FSDP 2 x TP 2

@@ -18,13 +18,12 @@ import torch.distributed as dist
 
 from titanlite.attention import choose_attention_head_dim, document_mask
 from titanlite.checkpoint import CheckpointError, Checkpointer, TrainState
-from titanlite.config import (Config, ConfigError, Run, compute_dtype, config_differences, load_config, render, resolve,
-                              settings_help, world_size_from_env)
+from titanlite.config import Config, ConfigError, config_differences, load_config, settings_help
 from titanlite.data import DataError, build_dataloader, check_data_source, warn_if_data_bound
 from titanlite.health import HealthMonitor, HealthStop
 from titanlite.health_detectors import Event
-from titanlite.loss import cross_entropy_per_sample, valid_tokens_per_sample
 from titanlite.launch import report_to_launcher
+from titanlite.loss import cross_entropy_per_sample, valid_tokens_per_sample
 from titanlite.metrics import (MetricLogger, check_dump_folder, init_logging, peak_flops_per_device, start_run_records,
                                start_wandb)
 from titanlite.model import build_model
@@ -32,6 +31,7 @@ from titanlite.optim import build_optimizer, learning_rate, set_learning_rate, s
 from titanlite.parallelize import (ParallelDims, clip_grad_norm, compile_loss, init_weights_layout_independent,
                                    loss_context, parallelize)
 from titanlite.profiling import OutOfMemory, TrainingProfiler, report_oom
+from titanlite.resolve import Run, compute_dtype, render, resolve, world_size_from_env
 from titanlite.tokenizer import TokenizerError, build_tokenizer, default_tokenizer_warning
 from titanlite.validation import Validator
 

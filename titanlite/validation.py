@@ -25,7 +25,8 @@ import torch
 import torch.distributed as dist
 
 from titanlite.attention import document_mask
-from titanlite.config import Config, Run
+from titanlite.config import Config
+from titanlite.resolve import Run
 from titanlite.corpus import DEFAULT_CORPUS_SEED, generate_documents
 from titanlite.data import DataError, GlobalOrder, InMemoryRows, RankStream, build_rows, make_batch, pack_texts
 from titanlite.loss import valid_tokens_per_sample
