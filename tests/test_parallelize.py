@@ -258,6 +258,11 @@ def test_tensor_parallel_8_matches_one_process(tmp_path):
                           ["--parallelism.tensor_parallel_degree", "8"], timeout=600)
     assert single["loss"][-1] < single["loss"][0] - 0.5  # a run that learns
     assert all(result == tp8[0] for result in tp8)  # every rank logs the same numbers
-    for key, rtol in (("loss", LOSS_RTOL), ("grad_norm", GRAD_NORM_RTOL)):
-        torch.testing.assert_close(torch.tensor(tp8[0][key], dtype=torch.float64),
-                                   torch.tensor(single[key], dtype=torch.float64), rtol=rtol, atol=0)
+    torch.testing.assert_close(torch.tensor(tp8[0]["loss"], dtype=torch.float64),
+                               torch.tensor(single["loss"], dtype=torch.float64), rtol=LOSS_RTOL, atol=0)
+    # The first grad norm compares the gradients of the same weights: float32 rounding only. Later
+    # ones drift further (measured 1.3e-4 at step 5): AdamW turns the rounding differences of
+    # near-zero gradients into full-size updates, so the two runs' weights part slightly.
+    assert tp8[0]["grad_norm"][0] == pytest.approx(single["grad_norm"][0], rel=GRAD_NORM_RTOL)
+    torch.testing.assert_close(torch.tensor(tp8[0]["grad_norm"], dtype=torch.float64),
+                               torch.tensor(single["grad_norm"], dtype=torch.float64), rtol=5e-4, atol=0)
