@@ -82,8 +82,7 @@ def measure(recipe: str, overrides: list[str], device_name: str, steps: int, tp:
     dims.build_mesh(device.type)
     model = build_model(config.model, train.seq_len, device="meta")
     parallel.parallelize(model, dims, config, param_dtype=torch.bfloat16 if use_bf16 else torch.float32)
-    parallel.init_weights_layout_independent(
-        model, lambda init_device: build_model(config.model, train.seq_len, device=init_device), device, train.seed)
+    parallel.init_weights_layout_independent(model, device, train.seed)
     optimizer = build_optimizer(model, config, device.type)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 and not dims.fsdp_enabled
                 else contextlib.nullcontext())

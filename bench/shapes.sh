@@ -8,3 +8,6 @@ three_b() { echo --model.dim 3200 --model.n_heads 32 --model.n_kv_heads 8 --mode
 bench_steps() { echo --training.micro_batch_size "$1" --training.global_batch_tokens $(( $1 * 4096 * ${3:-1} )) \
   --training.steps "$2" --metrics.log_freq 5 --lr_schedule.warmup_tokens $(( 5 * $1 * 4096 * ${3:-1} )) --optimizer.lr 3e-4; }
 tt_seven_b() { echo --model.flavor "seed7b_l$1" --training.seq_len 4096 --lr_scheduler.warmup_steps 5; }
+# 13B: d 5120, 40 heads, 8 KV heads, SwiGLU 13824.
+thirteen_b() { echo --model.dim 5120 --model.n_heads 40 --model.n_kv_heads 8 --model.intermediate_size 13824 \
+  --model.vocab_size 128256 --model.n_layers "$1" --training.seq_len 4096; }

@@ -27,12 +27,19 @@ if framework == "titanlite" and metrics_path:
             record[out] = values[-1] if key.startswith("memory") or key == "loss" else statistics.mean(values)
     compile_times = re.findall(r"compil\w* [^\n]*?([\d.]+) ?s", log)
     record["steps_logged"] = [r["step"] for r in steady]
+    startup = re.search(r"init: start-up peak ([\d.]+) GiB allocated", log)
+    if startup:
+        record["startup_peak_allocated_gib"] = float(startup[1])
 else:
     # torchtitan: "step: 25  loss: ...  memory: 48.40GiB(...)  tps: 38,326  tflops: ...  mfu: 51.4%"
     steps = []
     for match in re.finditer(r"step:\s*(\d+).*?memory:\s*([\d.]+)GiB.*?tps:\s*([\d,]+).*?tflops:\s*([\d.]+).*?mfu:\s*([\d.]+)%", log):
         steps.append([int(match[1]), float(match[2]), float(match[3].replace(",", "")), float(match[4]), float(match[5])])
-    steady = [s for s in steps if 20 <= s[0] <= 30] or steps[len(steps) // 2:]
+    # 30-step runs: steps 20-30, as the peer figures were read; shorter runs (20 steps, log every 5):
+    # the log steps after the first third, as for titanlite.
+    last = max((s[0] for s in steps), default=0)
+    steady = ([s for s in steps if 20 <= s[0] <= 30] if last >= 30 else [s for s in steps if s[0] > last / 3]) \
+        or steps[len(steps) // 2:]
     if steady:
         record.update(tokens_per_second_per_gpu=statistics.mean(s[2] for s in steady),
                       tflops_per_gpu=statistics.mean(s[3] for s in steady),

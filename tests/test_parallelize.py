@@ -22,6 +22,7 @@ import torch.distributed as dist
 from conftest import tiny_config
 from distributed import run_distributed
 from titanlite.config import ConfigError, load_config
+from titanlite.plan import INIT_TEMPORARIES
 
 TINY = ["--training.micro_batch_size", "2", "--training.steps", "10", "--training.grad_clip", "0.5",
         "--optimizer.lr", "3e-3", "--lr_schedule.warmup_tokens", "512", "--metrics.enable_jsonl", "false"]
@@ -162,8 +163,7 @@ def inspect_fsdp_tp_layout():
     dims.build_mesh("cpu")
     model = build_model(config.model, config.training.seq_len)
     parallelize(model, dims, config, torch.float32)
-    init_weights_layout_independent(
-        model, lambda device: build_model(config.model, config.training.seq_len, device=device), "cpu", 7)
+    init_weights_layout_independent(model, "cpu", 7)
     reference = build_model(config.model, config.training.seq_len, device="cpu")
     reference.init_weights(seed=7)
     max_init_error = max((p.full_tensor() - reference.get_parameter(n)).abs().max().item()
@@ -180,11 +180,11 @@ def inspect_fsdp_tp_layout():
     # The grad norm: one reduction over the whole mesh, the same on every rank, against float64.
     import warnings
 
-    from titanlite.parallelize import clip_grad_norm
+    from titanlite.parallelize import global_grad_norm
     exact = sum((p.grad.full_tensor().double() ** 2).sum() for p in model.parameters()).sqrt().item()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        norm = clip_grad_norm(list(model.parameters()), 0.0)
+        norm = global_grad_norm(list(model.parameters()))
     norms = [torch.zeros(())] * 4
     dist.all_gather(norms, norm)
     return {"init_error": max_init_error, "shapes": shapes, "names_match": names_match,
@@ -266,3 +266,100 @@ def test_tensor_parallel_8_matches_one_process(tmp_path):
     assert tp8[0]["grad_norm"][0] == pytest.approx(single["grad_norm"][0], rel=GRAD_NORM_RTOL)
     torch.testing.assert_close(torch.tensor(tp8[0]["grad_norm"], dtype=torch.float64),
                                torch.tensor(single["grad_norm"], dtype=torch.float64), rtol=5e-4, atol=0)
+
+
+# --- layout-independent init: bitwise the one-process init, one full parameter at a time
+
+def init_in_the_original_order(model, seed: int) -> None:
+    """The init written out in the order titanlite has always drawn it (an independent reference for
+    model.init_plan(): reordering it would change every run's initial weights)."""
+    import math
+
+    from torch import nn
+
+    torch.manual_seed(seed)
+    c = model.config
+    residual_std, head_std = c.init_std / math.sqrt(2 * c.n_layers), c.dim ** -0.5
+    with torch.no_grad():
+        nn.init.normal_(model.tok_embeddings.weight, mean=0.0, std=1.0)
+        for block in model.layers.values():
+            for linear in (block.attention.wq, block.attention.wk, block.attention.wv, block.feed_forward.w1,
+                           block.feed_forward.w3):
+                nn.init.trunc_normal_(linear.weight, std=c.init_std, a=-3 * c.init_std, b=3 * c.init_std)
+            for linear in (block.attention.wo, block.feed_forward.w2):
+                nn.init.trunc_normal_(linear.weight, std=residual_std, a=-3 * residual_std, b=3 * residual_std)
+            block.attention_norm.weight.fill_(1.0)
+            block.ffn_norm.weight.fill_(1.0)
+        model.norm.weight.fill_(1.0)
+        nn.init.trunc_normal_(model.output.weight, std=head_std, a=-3 * head_std, b=3 * head_std)
+
+
+def cpu_memory_peak(fn) -> tuple[int, int]:
+    """(peak, final) bytes allocated on the CPU while `fn()` runs, from the profiler's allocation events."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    changes = sorted((event.time_range.start, event.self_cpu_memory_usage) for event in prof.events()
+                     if event.self_cpu_memory_usage)
+    live = peak = 0
+    for _, change in changes:
+        live += change
+        peak = max(peak, live)
+    return peak, live
+
+
+# 8 blocks and a 256-entry vocabulary: the largest parameter (embedding, head: 16,384 values) is a
+# twentieth of the model, so "one parameter" and "the model" are far apart.
+INIT_MODEL = ["--model.dim", "64", "--model.n_layers", "8", "--model.n_heads", "4", "--model.n_kv_heads", "2",
+              "--model.intermediate_size", "128", "--model.vocab_size", "256", "--training.seq_len", "32"]
+
+
+def init_under_layouts(layouts: list[tuple[int, int]]) -> dict:
+    """For each (shard, tp) layout of the world: parallelize the meta model, init it layout-independently;
+    report the largest difference from the original-order init and the init's transient CPU memory."""
+    from titanlite.model import build_model
+    from titanlite.parallelize import ParallelDims, init_weights_layout_independent, parallelize
+
+    config = load_config("debug_model", INIT_MODEL + ["--training.device", "cpu"])
+    reference = build_model(config.model, config.training.seq_len, "cpu")
+    init_in_the_original_order(reference, seed=11)
+    model_bytes = sum(p.numel() * 4 for p in reference.parameters())
+    largest_bytes = max(p.numel() * 4 for p in reference.parameters())
+    # What the previous init did: build and init the whole model in fp32 beside this rank's shard.
+    old_peak, old_final = cpu_memory_peak(lambda: init_in_the_original_order(
+        build_model(config.model, config.training.seq_len, "cpu"), seed=11))
+    results = {"model_bytes": model_bytes, "largest_bytes": largest_bytes, "old_transient": old_peak - old_final}
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    for shard, tp in layouts:
+        dims = ParallelDims(replicate=1, shard=shard, tensor=tp, world_size=world)
+        dims.build_mesh("cpu")
+        model = build_model(config.model, config.training.seq_len)
+        parallelize(model, dims, config, torch.float32)
+        peak, final = cpu_memory_peak(lambda: init_weights_layout_independent(model, "cpu", 11))
+        full = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p) for n, p in model.named_parameters()}
+        results[f"shard{shard}_tp{tp}"] = {
+            "max_difference": max((full[n] - p).abs().max().item() for n, p in reference.named_parameters()),
+            "transient": peak - final}
+    return results
+
+
+def check_init(results: dict) -> None:
+    for name, layout in results.items():
+        if not name.startswith("shard"):
+            continue
+        assert layout["max_difference"] == 0.0, name  # bitwise the one-process init
+        # One full parameter and what torch's trunc_normal_ allocates beside it (plan.INIT_TEMPORARIES),
+        # never the model.
+        assert layout["transient"] <= INIT_TEMPORARIES * results["largest_bytes"], (name, layout)
+        assert layout["transient"] < results["model_bytes"] / 3, (name, layout)
+    assert results["old_transient"] >= results["model_bytes"]  # the previous init: the whole model
+
+
+def test_init_peak_is_one_parameter_not_the_model():
+    check_init(init_under_layouts([(1, 1)]))
+
+
+def test_sharded_init_is_bitwise_the_single_process_init_under_fsdp_and_tp():
+    for results in run_distributed(init_under_layouts, 2, [(2, 1), (1, 2)], timeout=180):
+        check_init(results)

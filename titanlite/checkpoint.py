@@ -36,13 +36,13 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
-from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
 from titanlite.checkpoint_files import (PARTIAL, STEP_FOLDER, CheckpointError, ChecksummedFileSystemReader,
                                         ChecksummedFileSystemWriter, check_states_match, describe, first_failure,
                                         flat_tensors, fresh_folder, load_model_weights, looks_complete, publish,
                                         read_checkpoint, save_model_checkpoint)
+from titanlite.optim import load_optimizer_state_dict, optimizer_state_dict
 
 __all__ = ["Checkpointer", "CheckpointError", "TrainState", "load_model_weights", "save_model_checkpoint"]
 logger = logging.getLogger("titanlite")
@@ -81,10 +81,10 @@ class OptimizerState:
         self.model, self.optimizer = model, optimizer
 
     def state_dict(self) -> dict:
-        return get_optimizer_state_dict(self.model, self.optimizer)
+        return optimizer_state_dict(self.model, self.optimizer)
 
     def load_state_dict(self, state: dict) -> None:
-        set_optimizer_state_dict(self.model, self.optimizer, state)
+        load_optimizer_state_dict(self.model, self.optimizer, state)
 
 
 def _bytes(count: float) -> str:
@@ -117,10 +117,14 @@ class Checkpointer:
         self.train_state = states["train_state"]
         self.states = {"model": ModelState(states["model"])}
         optimizer = states.get("optimizer")
+        # Async staging copies the state in the background: the update must wait for it, in a step
+        # pre-hook. torchao's CPUOffloadOptimizer skips Optimizer.__init__ and so runs no step
+        # hooks: then save() waits for the staging copy itself (the write still runs in the background).
+        self._staging_waits_in_save = optimizer is not None and not hasattr(optimizer, "_optimizer_step_pre_hooks")
         if optimizer is not None:
             self.states["optimizer"] = OptimizerState(states["model"], optimizer)
-            # Async staging copies the state in the background: the update must wait for it.
-            optimizer.register_step_pre_hook(lambda *_: self._wait_for_staging())
+            if not self._staging_waits_in_save:
+                optimizer.register_step_pre_hook(lambda *_: self._wait_for_staging())
         self.states.update({name: states[name] for name in ("train_state", "dataloader", "health")
                             if states.get(name) is not None})
         self.async_mode = self.settings.async_mode == "async"
@@ -219,6 +223,8 @@ class Checkpointer:
             publisher = executor.submit(lambda: (upload.result(), self._publish(partial, final, meta)))
             executor.shutdown(wait=False)
         self._in_flight = (step, upload, publisher, partial)
+        if self._staging_waits_in_save:
+            self._wait_for_staging()
 
     def _meta(self, step: int) -> dict:
         dims = self.dims

@@ -113,14 +113,17 @@ class Validation:
 
 @dataclass
 class Optimizer:
-    name: str = setting("adamw", "the optimizer", choices=("adamw",))
+    name: str = setting("adamw", "adamw (torch), or adamw8bit: torchao's AdamW with 8-bit moments (~2 instead of "
+                                 "8 bytes of state per parameter)", choices=("adamw", "adamw8bit"))
     lr: float = setting(3e-4, "peak learning rate", gt=0)
     beta1: float = setting(0.9, "AdamW beta1", ge=0, le=1)
     beta2: float = setting(0.95, "AdamW beta2", ge=0, le=1)
     eps: float = setting(1e-8, "AdamW epsilon", ge=0)
     weight_decay: float = setting(0.1, "decoupled weight decay (not on norms)", ge=0)
-    implementation: str = setting("auto", "auto: fused on CUDA, foreach on CPU",
+    implementation: str = setting("auto", "auto: fused on CUDA, foreach on CPU (adamw only)",
                                   choices=("auto", "fused", "foreach", "for-loop"))
+    cpu_offload: bool = setting(False, "one GPU: AdamW state and its update on the host (torchao "
+                                       "CPUOffloadOptimizer); with FSDP use parallelism.fsdp_cpu_offload")
 
 
 @dataclass
@@ -163,6 +166,20 @@ class ActivationCheckpoint:
 @dataclass
 class Compile:
     enable: bool = setting(False, "torch.compile each transformer block and the loss")
+
+
+@dataclass
+class Float8:
+    """float8 matmuls through torchao (titanlite/float8.py): the blocks' linears, never the output head."""
+
+    enable: bool = setting(False, "float8 matmuls in the transformer blocks' linears (H100/H200 or newer)")
+    recipe: str = setting("tensorwise", "tensorwise: one scale per tensor (fastest); rowwise: one per row "
+                                        "(more accurate, slower)", choices=("tensorwise", "rowwise"))
+    fsdp_float8_all_gather: bool = setting(True, "tensorwise with FSDP: all-gather weights in float8, their "
+                                                 "scales computed in one all-reduce after the optimizer step")
+    exclude: str = setting("", "comma-separated module-name fragments kept in bf16, e.g. 'attention.wk,"
+                               "attention.wv' (linears whose dims are not multiples of 16 always are)")
+    emulate: bool = setting(False, "TESTING AID ONLY: emulate the float8 matmuls (runs on CPU; slow)")
 
 
 @dataclass
@@ -251,6 +268,7 @@ class Config:
     parallelism: Parallelism = field(default_factory=Parallelism)
     activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
     compile: Compile = field(default_factory=Compile)
+    float8: Float8 = field(default_factory=Float8)
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
     metrics: Metrics = field(default_factory=Metrics)
     health: Health = field(default_factory=Health)
@@ -421,6 +439,7 @@ def validate(config: Config) -> None:
     if config.metrics.enable_wandb and importlib.util.find_spec("wandb") is None:
         raise ConfigError("metrics.enable_wandb=true but wandb is not installed: pip install 'titanlite[wandb]' "
                           "or set metrics.enable_wandb=false")
+    _validate_optimizer_and_float8(config)
     health, profiling = config.health, config.profiling
     if health.spike_min_history > health.spike_window:
         raise ConfigError(f"health.spike_min_history={health.spike_min_history}: must be <= health.spike_window="
@@ -443,6 +462,22 @@ def _validate_tensor_parallel(config: Config) -> None:
         if value % tp:
             raise ConfigError(f"{key}={value}: tensor_parallel_degree={tp} must divide it (TP splits the {what}); "
                               f"use a TP degree that divides {value}")
+
+
+def _validate_optimizer_and_float8(config: Config) -> None:
+    """Combinations of [optimizer], [parallelism] and [float8] that cannot work, whatever the device."""
+    opt = config.optimizer
+    if opt.name != "adamw" and opt.implementation != "auto":
+        raise ConfigError(f"optimizer.implementation={opt.implementation!r} applies to adamw only: remove it for "
+                          f"optimizer.name={opt.name!r}")
+    if opt.cpu_offload and opt.name != "adamw":
+        raise ConfigError(f"optimizer.cpu_offload=true offloads torch's AdamW: set optimizer.name=adamw (or "
+                          f"cpu_offload=false to keep {opt.name} on the GPU)")
+    if opt.cpu_offload and config.parallelism.fsdp_cpu_offload:
+        raise ConfigError("optimizer.cpu_offload and parallelism.fsdp_cpu_offload are both true: use one (FSDP's "
+                          "offloads parameters and gradients too)")
+    if any(not part.strip() for part in config.float8.exclude.split(",")) and config.float8.exclude.strip():
+        raise ConfigError(f"float8.exclude={config.float8.exclude!r}: an empty name fragment between commas")
 
 
 def config_from_dict(record: dict) -> Config:

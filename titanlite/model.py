@@ -16,6 +16,7 @@ Initialization (LLaMA / GPT-2 style, as torchtitan does it):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -37,10 +38,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalize in fp32 (or wider): the mean of squares of bf16 activations loses precision.
-        wide = x.to(torch.promote_types(x.dtype, torch.float32))
-        normed = wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.type_as(x) * self.weight
+        # torch's rms_norm normalizes in fp32 (or wider: the mean of squares of bf16 activations
+        # loses precision), multiplies by the gain and rounds to x's dtype once; one fused kernel.
+        # The gain in x's dtype: bf16 under autocast, as FSDP's bf16 parameters give it (and a
+        # dtype mismatch would keep torch off its fused kernel).
+        return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
@@ -138,21 +140,34 @@ class Transformer(nn.Module):
         """LLaMA-style init (see module docstring); also fills the RoPE tables after `to_empty()`."""
         if seed is not None:
             torch.manual_seed(seed)
-        config = self.config
-        residual_std = config.init_std / math.sqrt(2 * config.n_layers)
-        nn.init.normal_(self.tok_embeddings.weight, mean=0.0, std=1.0)
-        for block in self.layers.values():
-            for linear in (block.attention.wq, block.attention.wk, block.attention.wv, block.feed_forward.w1,
-                           block.feed_forward.w3):
-                nn.init.trunc_normal_(linear.weight, std=config.init_std, a=-3 * config.init_std, b=3 * config.init_std)
-            for linear in (block.attention.wo, block.feed_forward.w2):
-                nn.init.trunc_normal_(linear.weight, std=residual_std, a=-3 * residual_std, b=3 * residual_std)
-            block.attention_norm.reset_parameters()
-            block.ffn_norm.reset_parameters()
-        self.norm.reset_parameters()
-        head_std = config.dim ** -0.5
-        nn.init.trunc_normal_(self.output.weight, std=head_std, a=-3 * head_std, b=3 * head_std)
+        for name, init in self.init_plan():
+            init(self.get_parameter(name))
         self.init_rope()
+
+    def init_plan(self) -> list[tuple[str, Callable[[torch.Tensor], object]]]:
+        """(parameter name, in-place init) for every parameter, in the order the init draws random numbers.
+
+        The order is a contract: parallelize.init_weights_layout_independent replays it one full
+        parameter at a time with the same seed, so every layout starts from these exact values.
+        """
+        config = self.config
+
+        def normal(std: float):
+            return lambda weight: nn.init.normal_(weight, mean=0.0, std=std)
+
+        def truncated(std: float):  # cut at 3 standard deviations
+            return lambda weight: nn.init.trunc_normal_(weight, std=std, a=-3 * std, b=3 * std)
+
+        residual_std = config.init_std / math.sqrt(2 * config.n_layers)
+        plan = [("tok_embeddings.weight", normal(1.0))]
+        for key in self.layers:
+            block = f"layers.{key}."
+            plan += [(block + name, truncated(config.init_std)) for name in (
+                "attention.wq.weight", "attention.wk.weight", "attention.wv.weight", "feed_forward.w1.weight",
+                "feed_forward.w3.weight")]
+            plan += [(block + name, truncated(residual_std)) for name in ("attention.wo.weight", "feed_forward.w2.weight")]
+            plan += [(block + "attention_norm.weight", nn.init.ones_), (block + "ffn_norm.weight", nn.init.ones_)]
+        return plan + [("norm.weight", nn.init.ones_), ("output.weight", truncated(config.dim ** -0.5))]
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, mask=None,
                 cache: KVCache | None = None) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Device mesh and model parallelization: TP -> activation checkpointing -> compile -> FSDP2.
+"""Device mesh and model parallelization: float8 -> TP -> activation checkpointing -> compile -> FSDP2.
 
 Any world size maps onto a (dp_replicate, dp_shard, tp) mesh: TP inside a node, FSDP2 (or HSDP
 when dp_replicate > 1) over the rest. The model knows nothing of this: `parallelize()` swaps its
@@ -16,11 +16,12 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
-from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
-                                               SequenceParallel, loss_parallel, parallelize_module)
+from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel, SequenceParallel, loss_parallel,
+                                               parallelize_module)
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from titanlite.config import Config
+from titanlite.float8 import apply_float8, tensor_parallel_styles
 from titanlite.resolve import Run
 
 logger = logging.getLogger("titanlite")
@@ -78,12 +79,15 @@ class ParallelDims:
 
 
 def parallelize(model: nn.Module, dims: ParallelDims, config: Config, param_dtype: torch.dtype) -> nn.Module:
-    """Apply, in order: tensor parallel, activation checkpointing, compile, FSDP2. Mutates `model`.
+    """Apply, in order: float8 linears, tensor parallel, activation checkpointing, compile, FSDP2.
+    Mutates `model`.
 
     Call on the meta-device model, then `init_weights_layout_independent()`.
     """
+    if config.float8.enable:
+        apply_float8(model, config, dims.tensor, dims.shard)
     if dims.tp_enabled:
-        apply_tensor_parallel(model, dims.mesh["tp"])
+        apply_tensor_parallel(model, dims.mesh["tp"], config)
     if config.activation_checkpoint.mode != "none":
         apply_activation_checkpointing(model, config.activation_checkpoint.mode,
                                        config.activation_checkpoint.selective_blocks)
@@ -99,7 +103,7 @@ def parallelize(model: nn.Module, dims: ParallelDims, config: Config, param_dtyp
 
 # --- tensor parallel
 
-def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
+def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, config: Config) -> None:
     """Megatron-style TP with sequence parallel norms; heads and vocabulary split over `tp_mesh`.
 
     Between blocks the residual stream is a DTensor sharded on the sequence (Shard(1)); each
@@ -108,7 +112,8 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
     (The stream stays a DTensor rather than a local tensor: a compiled block whose input is the
     local result of a collective broke the backward.) The RoPE tables and the mask pass through
     untouched (layout None). Logits stay vocab-sharded (Shard(-1)) for `loss_parallel`, so the
-    full logits are never gathered.
+    full logits are never gathered. float8 tensorwise linears take torchao's float8 styles
+    (float8.tensor_parallel_styles), which all-gather the block inputs in float8.
     """
     parallelize_module(model, tp_mesh, {
         "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1), use_local_output=False),
@@ -116,19 +121,20 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
         "output": ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1), use_local_output=False),
     })
     for block in model.layers.values():
+        style = tensor_parallel_styles(block, config)
         parallelize_module(block, tp_mesh, {
             "attention_norm": SequenceParallel(),
-            "attention": PrepareModuleInput(input_layouts=(Shard(1), None, None, None),
+            "attention": style["attention"](input_layouts=(Shard(1), None, None, None),
                                             desired_input_layouts=(Replicate(), None, None, None)),
-            "attention.wq": ColwiseParallel(),
-            "attention.wk": ColwiseParallel(),
-            "attention.wv": ColwiseParallel(),
-            "attention.wo": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
+            "attention.wq": style["attention.wq"](),
+            "attention.wk": style["attention.wk"](),
+            "attention.wv": style["attention.wv"](),
+            "attention.wo": style["attention.wo"](output_layouts=Shard(1), use_local_output=False),
             "ffn_norm": SequenceParallel(),
-            "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
-            "feed_forward.w1": ColwiseParallel(),
-            "feed_forward.w3": ColwiseParallel(),
-            "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
+            "feed_forward": style["feed_forward"](input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+            "feed_forward.w1": style["feed_forward.w1"](),
+            "feed_forward.w3": style["feed_forward.w3"](),
+            "feed_forward.w2": style["feed_forward.w2"](output_layouts=Shard(1), use_local_output=False),
         })
 
 
@@ -141,11 +147,15 @@ def loss_context(dims: ParallelDims):
 
 # Outputs kept by per-op selective AC: the matmuls and attention (expensive to recompute) and
 # TP's reduce-scatter (recomputing it would repeat communication). Pointwise ops, norms and
-# RoPE are recomputed: cheap in FLOPs, large in memory.
+# RoPE are recomputed: cheap in FLOPs, large in memory. float8 matmuls are `_scaled_mm`; the
+# absolute maxima that set their scales (`max`, one number per tensor) are kept too, so the
+# recomputed casts do not reduce over their inputs again.
 _SAVED_OPS = {
     torch.ops.aten.mm.default,
     torch.ops.aten.addmm.default,
     torch.ops.aten.bmm.default,
+    torch.ops.aten._scaled_mm.default,
+    torch.ops.aten.max.default,
     torch.ops.aten._scaled_dot_product_flash_attention.default,
     torch.ops.aten._scaled_dot_product_efficient_attention.default,
     torch.ops.aten._scaled_dot_product_cudnn_attention.default,
@@ -223,43 +233,53 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype, res
 # --- initialization
 
 @torch.no_grad()
-def init_weights_layout_independent(model: nn.Module, build_reference, device: torch.device, seed: int,
+def init_weights_layout_independent(model: nn.Module, device: torch.device | str, seed: int,
                                     params_on_cpu: bool = False) -> None:
-    """Give the (meta, parallelized) `model` the weights of `build_reference(device).init_weights(seed)`.
+    """Give the (meta, parallelized) `model` exactly the weights of `model.init_weights(seed)` unsharded.
 
-    Every rank materializes the full, unsharded reference model on `device` with the same seed,
-    then keeps its own shard of each tensor (a local slice, no communication): the initial
-    weights are bitwise the same for every layout (1 process, FSDP, TP, HSDP), which the parity
-    tests rely on. The cost is one transient full fp32 copy per rank, 4 bytes/param: the 7B
-    shape with 8 layers ~9 GiB, 7B ~25 GiB, 13B ~48 GiB of GPU memory before any optimizer
-    state exists (freed, and the peak-memory counter reset, before training). Models that do
-    not fit start from a seed checkpoint instead (checkpoint.initial_load_path).
+    Replays the model's `init_plan()` (its parameters in the order the init draws random
+    numbers) with the same seed: each full parameter is drawn on `device` in the default dtype,
+    this rank keeps its shard (a local slice, no communication), and the full tensor is freed
+    before the next one. So the initial weights are bitwise the same for every layout (1
+    process, FSDP, TP, HSDP), which the parity tests rely on, and the start-up peak is the
+    sharded model plus one full parameter (plus the temporaries torch's init of that one
+    parameter makes: trunc_normal_ allocates ~3 more of its size on torch 2.13), not the model.
     `params_on_cpu`: FSDP CPU offload keeps the sharded parameters on the host.
     """
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # the start-up peak reported below is the init's alone
     model.to_empty(device="cpu" if params_on_cpu else device)
     for module in model.modules():  # the RoPE tables are used on the compute device even when offloading
         for key, buffer in module._buffers.items():
             if buffer is not None:
                 module._buffers[key] = buffer.to(device)
-    reference = build_reference(device)
-    reference.init_weights(seed=seed)
-    reference_state = dict(reference.named_parameters())
-    for name, param in model.named_parameters():
-        full = reference_state[name].to(param.dtype)
+    plan = model.init_plan()
+    names = [name for name, _ in model.named_parameters()]
+    if sorted(names) != sorted(name for name, _ in plan):
+        raise RuntimeError(f"init_plan() does not cover the parameters exactly: {sorted(set(names) ^ set(dict(plan)))}")
+    torch.manual_seed(seed)
+    for name, init in plan:
+        param = model.get_parameter(name)
+        full = torch.empty(param.shape, dtype=torch.get_default_dtype(), device=device)
+        init(full)
+        full = full.to(param.dtype)
         if isinstance(param, DTensor):
-            # src_data_rank=None: every rank holds the same full tensor and slices it locally.
+            # src_data_rank=None: every rank drew the same full tensor and slices it locally.
             shard = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
             param.to_local().copy_(shard)
+            del shard
         else:
             param.copy_(full)
-    del reference, reference_state, full
+        del full
     model.init_rope()
     if torch.device(device).type == "cuda":
+        logger.info("init: start-up peak %.2f GiB allocated (this rank's shard of the model and one full parameter "
+                    "being drawn)", torch.cuda.max_memory_allocated(device) / 2**30)
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)  # the transient reference is not training memory
+        torch.cuda.reset_peak_memory_stats(device)  # the transient full parameters are not training memory
 
 
-# --- gradient clipping
+# --- gradient norm
 
 def _copies(grad: torch.Tensor, world_size: int) -> int:
     """How many ranks hold each element of `grad`: its replicated mesh dims, times the meshes beside its own."""
@@ -274,14 +294,14 @@ def _copies(grad: torch.Tensor, world_size: int) -> int:
 
 
 @torch.no_grad()
-def clip_grad_norm(parameters: list[nn.Parameter], max_norm: float) -> torch.Tensor:
-    """Clip to the global L2 norm of every gradient; returns the norm before clipping (0-dim fp32, no host sync).
+def global_grad_norm(parameters: list[nn.Parameter]) -> torch.Tensor:
+    """The global L2 norm of every gradient, over all ranks (0-dim fp32 on device, no host sync).
 
     One all-reduce over all ranks: each rank sums the squared norms of its local shards (an element
     held by k ranks counts 1/k on each), in float64, and the sum is reduced once. So every rank,
-    under any FSDP x TP layout, clips by the same factor (a per-mesh-dimension reduction, as
-    DTensor's full_tensor() does it, sums in another order on every layout). max_norm <= 0
-    measures without clipping.
+    under any FSDP x TP layout, gets the same number (a per-mesh-dimension reduction, as DTensor's
+    full_tensor() does it, sums in another order on every layout) and clips by the same factor
+    (optim.step_unless_nonfinite clips).
     """
     grads = [p.grad for p in parameters if p.grad is not None]
     grads = [g.redistribute(placements=[Replicate() if q.is_partial() else q for q in g.placements])
@@ -292,10 +312,7 @@ def clip_grad_norm(parameters: list[nn.Parameter], max_norm: float) -> torch.Ten
     squared = (torch.stack(torch._foreach_norm(local)).double().square() * weights).sum()
     if world_size > 1:
         torch.distributed.all_reduce(squared)
-    total_norm = squared.sqrt().float()
-    if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total_norm, foreach=True)
-    return total_norm
+    return squared.sqrt().float()
 
 
 def compile_loss(loss_fn, dims: ParallelDims, config: Config):

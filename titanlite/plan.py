@@ -8,7 +8,8 @@ The memory model follows what titanlite's code keeps alive (model.py, train.py, 
 in bytes per GPU, as `torch.cuda.max_memory_allocated` counts them (not the CUDA context, NCCL
 buffers or allocator fragmentation, which `headroom_gib` stands for):
   - sharded state over TP x FSDP-shard ranks: fp32 parameters (4 B/param), fp32 gradients (4),
-    AdamW exp_avg and exp_avg_sq (8); 0 on the GPU with parallelism.fsdp_cpu_offload;
+    optimizer state (`optimizer_state_bytes_per_parameter`: AdamW 8, adamw8bit ~2.03, 0 on the GPU
+    with optimizer.cpu_offload); all 0 on the GPU with parallelism.fsdp_cpu_offload;
   - FSDP2 buffers: bf16 gathered weights of the current and the prefetched block, their bf16 and
     fp32 gradients before the reduce-scatter, and the [norm, output] group kept gathered from
     forward to backward; without FSDP, autocast's bf16 weight copies saved for the backward;
@@ -16,6 +17,11 @@ buffers or allocator fragmentation, which `headroom_gib` stands for):
   - logits and loss: the fp32 upcast, log-softmax output and its gradient, 12 B per logit
     (vocabulary sharded over TP by loss_parallel); 6 B with the compiled loss (no TP);
   - the backward of one block: its recomputed activations (AC) and gradient temporaries.
+  - float8 (`float8.enable`) changes one term: with float8 all-gather FSDP gathers the block weights
+    in 1 byte instead of 2. Activations are estimated as for bf16 (not measured with float8); the
+    float8 copies of weights, inputs and gradients live for one matmul each.
+Start-up: layout-independent init draws one full parameter at a time on the GPU next to the
+sharded state: `INIT_TEMPORARIES` x the largest parameter in fp32.
 bench/bench_memory.py measures the same configurations on a GPU; the README states the error.
 """
 
@@ -29,7 +35,7 @@ import sys
 from dataclasses import dataclass
 
 from titanlite.config import Config, ConfigError, load_config
-from titanlite.resolve import Run, data_parallel_shape, resolve
+from titanlite.resolve import Run, data_parallel_shape, resolve, uses_float8_all_gather
 
 GIB = 2**30
 # Measured on 4 x H100, torchtitan, the 7B shape: FSDP 4 gave 11,713 tokens/s/GPU and FSDP 2 x TP 2
@@ -42,6 +48,27 @@ GPUS_PER_NODE = 8
 # (8 instead of 6 FLOPs per parameter and token): 0.75, assumed, not measured.
 AC_THROUGHPUT = {"none": 1.0, "selective": 0.99, "full": 0.75}
 ESTIMATE_MARGIN = 1.10  # a plan fits only with 10% to spare: the estimate is an estimate (README: measured error)
+# Start-up init: the full fp32 parameter plus what torch's trunc_normal_ allocates beside it (its
+# rejection sampling: a second sample, the where() result, two masks): 4.25 x the parameter, measured
+# on CPU with torch 2.13 (tests/test_parallelize.py::test_init_peak_is_one_parameter_not_the_model).
+INIT_TEMPORARIES = 4.25
+ADAMW8BIT_BLOCK = 256  # torchao AdamW8bit: one fp32 scale per 256 8-bit values, per moment
+
+
+def optimizer_state_bytes_per_parameter(config: Config) -> tuple[float, float]:
+    """(bytes on the GPU, bytes in host memory) of optimizer state per parameter.
+
+    AdamW: exp_avg and exp_avg_sq in fp32, 8 B. adamw8bit: each moment in 8 bits plus an fp32
+    scale per block of 256, 2 x (1 + 4/256) = 2.03 B (torchao keeps fp32 moments for tensors
+    under 4,096 elements: the norm gains, negligible). optimizer.cpu_offload: nothing on the GPU;
+    the host holds an fp32 copy of each parameter and of its gradient (pinned) and the fp32
+    moments, 16 B.
+    """
+    if config.optimizer.name == "adamw8bit":
+        return 2 * (1 + 4 / ADAMW8BIT_BLOCK), 0.0
+    if config.optimizer.cpu_offload:
+        return 0.0, 16.0
+    return 8.0, 0.0
 
 
 def fits_gpu(peak_bytes: float, capacity_gib: float, headroom_gib: float) -> bool:
@@ -68,6 +95,21 @@ def count_parameters(config: Config) -> ParameterCounts:
     output_group = m.vocab_size * m.dim + m.dim
     total = embedding + m.n_layers * per_block + output_group
     return ParameterCounts(total, embedding, total - embedding, per_block, output_group)
+
+
+def largest_parameter(config: Config) -> int:
+    """Elements of the model's largest parameter (the embedding or the head, or an FFN matrix)."""
+    m = config.model
+    return max(m.vocab_size * m.dim, m.dim * m.intermediate_size, m.dim * m.dim)
+
+
+def float8_summary(config: Config, fsdp_shard: int) -> str:
+    """How the plan treats float8: 'off', or the recipe and what it changes in the estimate."""
+    if not config.float8.enable:
+        return "off"
+    gather = ", float8 all-gather" if uses_float8_all_gather(config, fsdp_shard) else ""
+    return (f"{config.float8.recipe}{gather} (blocks' linears; FLOPs and MFU still counted against the bf16 "
+            "peak; memory as bf16 but the gathered weights)")
 
 
 def flops_per_token(config: Config) -> int:
@@ -137,7 +179,7 @@ class MemoryEstimate:
     backward_transient: float
     peak: float
     host_offloaded: float  # bytes per GPU held in host memory by CPU offload
-    init_transient: float  # start-up: the full fp32 model that layout-independent init builds
+    init_transient: float  # start-up peak: the sharded parameters and one full parameter being drawn
 
     def gib(self) -> dict[str, float]:
         return {k: round(v / GIB, 2) for k, v in dataclasses.asdict(self).items()}
@@ -150,16 +192,20 @@ def estimate_memory(config: Config, layout: Layout, grad_accum_steps: int = 1) -
     fsdp = layout.shard * layout.replicate > 1
     state_shards = tp * (shard if fsdp else 1)
     offload = fsdp and config.parallelism.fsdp_cpu_offload
-    parameters, gradients, optimizer = (b * counts.total / state_shards for b in (4, 4, 8))
-    host = parameters + gradients + optimizer if offload else 0.0
+    optimizer_bytes, optimizer_host_bytes = optimizer_state_bytes_per_parameter(config)
+    parameters, gradients, optimizer = (b * counts.total / state_shards for b in (4, 4, optimizer_bytes))
+    host = optimizer_host_bytes * counts.total / state_shards
     if offload:
+        host = parameters + gradients + 8 * counts.total / state_shards  # FSDP2 offloads AdamW's state too
         parameters = gradients = optimizer = 0.0
     mode = config.activation_checkpoint.mode
     if mode == "selective" and config.activation_checkpoint.selective_blocks:
         mode = "selective-k"
     if fsdp:
-        # Current + prefetched block: bf16 weights, bf16 gradient, its fp32 copy for the reduce-scatter.
-        buffers = 2 * (2 + 2 + 4) * counts.per_block / tp + 2 * counts.output_group / tp
+        # Current + prefetched block: bf16 weights (float8 with float8 all-gather), bf16 gradient, its
+        # fp32 copy for the reduce-scatter.
+        gathered = 1 if uses_float8_all_gather(config, layout.shard) else 2
+        buffers = 2 * (gathered + 2 + 4) * counts.per_block / tp + 2 * counts.output_group / tp
     else:
         # autocast saves the bf16 copy of each matmul weight for the backward (not inside full AC).
         buffers = 0.0 if mode == "full" else 2 * counts.non_embedding / tp
@@ -187,7 +233,7 @@ def estimate_memory(config: Config, layout: Layout, grad_accum_steps: int = 1) -
     grads_during_forward = gradients if grad_accum_steps > 1 else 0.0
     peak = max(static + grads_during_forward + activations + max(logits, transient),
                static + gradients + transient)
-    init = 4 * counts.total + parameters  # the full fp32 reference model next to this rank's shard
+    init = parameters + INIT_TEMPORARIES * 4 * largest_parameter(config)  # the shard + one full parameter
     return MemoryEstimate(parameters, gradients, optimizer, buffers, activations, logits, transient, peak, host, init)
 
 
@@ -236,8 +282,9 @@ def check_warnings(config: Config, derived: Run | None, memory: MemoryEstimate, 
             f"{memory.peak / GIB:.1f} GiB per GPU (+{ESTIMATE_MARGIN - 1:.0%} margin) > {usable:.0f} GiB usable of "
             f"{capacity_gib:.0f}: {fix}")
     if memory.init_transient / GIB > usable:
-        warnings.append(f"start-up: layout-independent init builds the full fp32 model ({memory.init_transient / GIB:.0f}"
-                        " GiB) on each GPU: start from a seed checkpoint (checkpoint.initial_load_path)")
+        warnings.append(f"start-up: layout-independent init needs {memory.init_transient / GIB:.0f} GiB on each GPU "
+                        "(the sharded parameters and one full parameter): start from a seed checkpoint "
+                        "(checkpoint.initial_load_path)")
     if derive_error:
         warnings.append(derive_error)
     return warnings
@@ -249,7 +296,7 @@ def plan(config: Config, ngpu: int, peak_tflops: float = 989.0, mfu: float = 0.4
     counts = count_parameters(config)
     derive_error, derived = None, None
     try:
-        derived = resolve(config, ngpu, config.model.vocab_size)
+        derived = resolve(config, ngpu, config.model.vocab_size, device_type="cuda")  # plans GPU runs
     except ConfigError as error:
         derive_error = str(error)
     try:
@@ -267,7 +314,9 @@ def plan(config: Config, ngpu: int, peak_tflops: float = 989.0, mfu: float = 0.4
     return {
         "config": {"ngpu": ngpu, "layout": layout.name, "micro_batch_size": config.training.micro_batch_size,
                    "seq_len": config.training.seq_len, "activation_checkpoint": config.activation_checkpoint.mode,
-                   "compile": config.compile.enable, "cpu_offload": config.parallelism.fsdp_cpu_offload},
+                   "compile": config.compile.enable, "cpu_offload": config.parallelism.fsdp_cpu_offload,
+                   "optimizer": config.optimizer.name + (" (state on the host)" if config.optimizer.cpu_offload else ""),
+                   "float8": float8_summary(config, layout.shard)},
         "parameters": dataclasses.asdict(counts),
         "flops_per_token": per_token,
         "derived": derived.derived() if derived else None,
@@ -318,7 +367,8 @@ def render_plan(result: dict) -> str:
     p, d, mem, t = result["parameters"], result["derived"], result["memory_gib"], result["time"]
     c = result["config"]
     lines = [f"layout: {c['layout']} on {c['ngpu']} GPUs; micro-batch {c['micro_batch_size']} x {c['seq_len']}, "
-             f"AC {c['activation_checkpoint']}, compile {c['compile']}, CPU offload {c['cpu_offload']}",
+             f"AC {c['activation_checkpoint']}, compile {c['compile']}, CPU offload {c['cpu_offload']}, "
+             f"optimizer {c['optimizer']}, float8 {c['float8']}",
              f"parameters: {p['total']:,} total, {p['embedding']:,} embedding, {p['non_embedding']:,} non-embedding",
              f"FLOPs per token (training): {result['flops_per_token']:,}"]
     if d:
@@ -327,7 +377,7 @@ def render_plan(result: dict) -> str:
     lines.append("memory per GPU (GiB): " + ", ".join(
         f"{k.replace('_', ' ')} {v:.2f}" for k, v in mem.items() if k not in ("peak", "init_transient")))
     lines.append(f"  peak {mem['peak']:.1f} GiB (allocated; add ~4 GiB for context, NCCL and fragmentation); "
-                 f"start-up init copy {mem['init_transient']:.1f} GiB")
+                 f"start-up init peak {mem['init_transient']:.1f} GiB")
     lines.append(f"time at {t['mfu']:.0%} MFU of {t['peak_tflops']:g} TFLOP/s: {t['tokens_per_s_per_gpu']:,} "
                  f"tokens/s/GPU, {t['wall_days']} days, {t['gpu_hours']:,} GPU-hours")
     lines += [f"WARNING: {w}" for w in result["warnings"]] or ["no warnings"]

@@ -23,8 +23,8 @@ logger = logging.getLogger("titanlite")
 SNAPSHOT_TRIGGER = "dump_memory_snapshot"
 # Function names in an OOM traceback -> the phase of the step it happened in (innermost wins).
 PHASES = (("forward", "forward"), ("backward", "backward"), ("_engine_run_backward", "backward"),
-          ("clip_grad_norm", "gradient clipping"), ("clip_grad_norm_", "gradient clipping"),
-          ("step", "optimizer step"), ("guarded_optimizer_step", "optimizer step"))
+          ("global_grad_norm", "gradient norm"), ("clip_grads_with_norm_", "gradient clipping"),
+          ("step", "optimizer step"), ("step_unless_nonfinite", "optimizer step"))
 
 
 class OutOfMemory(RuntimeError):

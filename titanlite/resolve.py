@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -101,6 +102,30 @@ def concrete_config(config: Config, tokenizer_vocab_size: int, attention_head_di
     return resolved
 
 
+def uses_float8_all_gather(config: Config, fsdp_shard: int) -> bool:
+    """FSDP gathers weights in float8: tensorwise recipe, the setting on, and weights sharded (FSDP shard > 1)."""
+    settings = config.float8
+    return settings.enable and settings.recipe == "tensorwise" and settings.fsdp_float8_all_gather and fsdp_shard > 1
+
+
+def check_device_features(config: Config, world_size: int, device_type: str) -> None:
+    """What the device and the number of ranks decide: CPU-offloaded AdamW, float8."""
+    if config.optimizer.cpu_offload and world_size > 1:
+        raise ConfigError(f"optimizer.cpu_offload=true is for one GPU (torchao's CPUOffloadOptimizer), not "
+                          f"{world_size} ranks: use parallelism.fsdp_cpu_offload=true instead")
+    if config.optimizer.cpu_offload and device_type != "cuda":
+        raise ConfigError("optimizer.cpu_offload=true needs a CUDA device (it offloads GPU state to the host): "
+                          "set optimizer.cpu_offload=false")
+    float8 = config.float8
+    if float8.enable and device_type != "cuda" and not float8.emulate:
+        raise ConfigError(f"float8.enable=true needs a CUDA GPU (H100 or newer); on {device_type} set "
+                          "float8.enable=false (float8.emulate=true only for tests)")
+    if float8.enable and not config.compile.enable:
+        logging.getLogger("titanlite").warning(
+            "float8.enable=true without compile.enable: float8 casts run as separate eager kernels, slower than "
+            "bf16; set compile.enable=true")
+
+
 def resolve(config: Config, world_size: int, tokenizer_vocab_size: int, device_type: str = "cpu",
             attention_head_dim: int | None = None) -> Run:
     """Every derived value of the run, computed once; `config` itself is left unchanged.
@@ -115,6 +140,7 @@ def resolve(config: Config, world_size: int, tokenizer_vocab_size: int, device_t
             f"= {tokens_per_micro_batch * dp}")
     if train.total_tokens == 0 and train.steps == 0:
         raise ConfigError("training.total_tokens=0 and training.steps=0: set one of them")
+    check_device_features(config, world_size, device_type)
     resolved = concrete_config(config, tokenizer_vocab_size, attention_head_dim)
     total_steps = train.steps or max(1, steps_for_tokens(train.total_tokens, train.global_batch_tokens))
     return Run(

@@ -28,7 +28,8 @@ from titanlite.metrics import (MetricLogger, check_dump_folder, init_logging, pe
                                start_wandb)
 from titanlite.model import build_model
 from titanlite.optim import build_optimizer, learning_rate, set_learning_rate, step_unless_nonfinite
-from titanlite.parallelize import (ParallelDims, clip_grad_norm, compile_loss, init_weights_layout_independent,
+from titanlite.float8 import refresh_float8_scales
+from titanlite.parallelize import (ParallelDims, compile_loss, global_grad_norm, init_weights_layout_independent,
                                    loss_context, parallelize)
 from titanlite.profiling import OutOfMemory, TrainingProfiler, report_oom
 from titanlite.resolve import Run, compute_dtype, render, resolve, world_size_from_env
@@ -65,8 +66,8 @@ def train_step(model, optimizer, micro_batches: list[dict], global_valid_tokens:
         local_loss += loss.detach()
         per_sample.append(sample_losses.detach())
     parameters = [p for p in model.parameters() if p.grad is not None]
-    grad_norm = clip_grad_norm(parameters, grad_clip)  # global over the FSDP x TP mesh
-    skipped = step_unless_nonfinite(optimizer, grad_norm, skip_nonfinite)
+    grad_norm = global_grad_norm(parameters)  # global over the FSDP x TP mesh
+    skipped = step_unless_nonfinite(optimizer, grad_norm, skip_nonfinite, max_norm=grad_clip)  # clips, then steps
     optimizer.zero_grad(set_to_none=True)
     return {"loss": local_loss, "grad_norm": grad_norm, "sample_losses": torch.cat(per_sample), "skipped": skipped}
 
@@ -172,10 +173,8 @@ def train(config: Config) -> list[dict]:
     validator = Validator(run, tokenizer, dims.data_parallel_rank, reduce_group) if config.validation.enable else None
     model = build_model(config.model, config.training.seq_len, device="meta")
     parallelize(model, dims, config, param_dtype=dtype)
-    # Same initial weights for every layout: each rank builds the full init and keeps its shard.
-    init_weights_layout_independent(model, lambda init_device: build_model(config.model, config.training.seq_len,
-                                                                           device=init_device),
-                                    device, config.training.seed, config.parallelism.fsdp_cpu_offload)
+    # Same initial weights for every layout: each rank draws one full parameter at a time, keeps its shard.
+    init_weights_layout_independent(model, device, config.training.seed, config.parallelism.fsdp_cpu_offload)
     loss_fn = compile_loss(cross_entropy_per_sample, dims, config)
     # FSDP casts parameters itself; without FSDP, autocast does it per matmul.
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if dtype == torch.bfloat16 and not dims.fsdp_enabled
@@ -217,6 +216,7 @@ def train(config: Config) -> list[dict]:
         micro_batches = [{k: v.to(device, non_blocking=True) for k, v in b.items()} for b in host_batches]
         sample_tokens = torch.cat([valid_tokens_per_sample(batch["labels"]) for batch in micro_batches])
         with report_oom(step, dump_folder, rank, device):
+            refresh_float8_scales(model, config, dims.shard)  # float8 all-gather: one all-reduce for all scales
             result = train_step(model, optimizer, micro_batches, global_count(sample_tokens.sum(), dims),
                                 config.training.grad_clip, autocast, loss_fn, loss_context(dims),
                                 config.health.skip_nonfinite_steps)

@@ -1,0 +1,86 @@
+"""Time the output head and the loss alone (forward + backward), as titanlite and as torchtitan write the loss.
+
+The H200 profile (shared/anchors/profile-7b-l8-noac-a4-h200.txt) shows titanlite's compiled loss
+kernels ~40% slower per micro-batch than torchtitan's (4.3 + 3.9 ms against 3.0 + 2.7) and one
+head matmul (nvjet ..._NTT) 30.5 ms against 21.2. This isolates them: final RMSNorm -> head ->
+loss -> backward, on one GPU under autocast with fp32 weights (titanlite's single-GPU set-up):
+  titanlite: loss.cross_entropy_per_sample (per-sample sums, reduction='none'), compiled;
+  sum:       F.cross_entropy(reduction='sum') over all tokens (torchtitan's), compiled;
+  head_only: the head's forward and backward with a given gradient (no loss).
+Prints one JSON line: milliseconds per micro-batch for each (CUDA events, median of --iters).
+
+    python bench/bench_head_loss.py [--tokens 16384] [--dim 4096] [--vocab 128256] [--iters 20]
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from titanlite.loss import IGNORE_INDEX, cross_entropy_per_sample  # noqa: E402
+from titanlite.model import RMSNorm  # noqa: E402
+
+
+def summed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(0, 1), reduction="sum",
+                           ignore_index=IGNORE_INDEX)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tokens", type=int, default=4 * 4096)
+    parser.add_argument("--dim", type=int, default=4096)
+    parser.add_argument("--vocab", type=int, default=128256)
+    parser.add_argument("--iters", type=int, default=20)
+    args = parser.parse_args()
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    norm = RMSNorm(args.dim, 1e-5).to(device)
+    head = torch.nn.Linear(args.dim, args.vocab, bias=False, device=device)
+    hidden = torch.randn(4, args.tokens // 4, args.dim, device=device, dtype=dtype, requires_grad=True)
+    labels = torch.randint(0, args.vocab, (4, args.tokens // 4), device=device)
+    count = torch.tensor(float(args.tokens), device=device)
+    per_sample, summed = torch.compile(cross_entropy_per_sample), torch.compile(summed_cross_entropy)
+
+    def step(variant: str) -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            logits = head(norm(hidden))
+        if variant == "head_only":
+            logits.backward(torch.ones_like(logits))
+            return
+        loss = (per_sample(logits, labels).sum() if variant == "titanlite" else summed(logits, labels)) / count
+        del logits
+        loss.backward()
+
+    results = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
+               "tokens": args.tokens, "dim": args.dim, "vocab": args.vocab}
+    for variant in ("titanlite", "sum", "head_only"):
+        for _ in range(3):  # compile and warm up
+            step(variant)
+        times = []
+        for _ in range(args.iters):
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                step(variant)
+                end.record()
+                end.synchronize()  # host sync: benchmark measurement
+                times.append(start.elapsed_time(end))
+            else:
+                began = time.perf_counter()
+                step(variant)
+                times.append(1e3 * (time.perf_counter() - began))
+        hidden.grad = head.weight.grad = norm.weight.grad = None
+        results[f"{variant}_ms"] = round(statistics.median(times), 3)
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
