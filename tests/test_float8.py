@@ -115,7 +115,7 @@ def test_conversion_swaps_the_filtered_linears_and_keeps_parameter_names():
 
 
 def float8_runs(folder: str, runs: list[tuple[str, list[str]]]) -> dict[str, list[float]]:
-    """Train each run in this process group on the tiny config; {name: losses}."""
+    """Train each run in this process group on the tiny config; {name: losses of the steps it ran}."""
     import os
 
     from titanlite.train import train
@@ -151,10 +151,17 @@ def test_emulated_float8_under_fsdp_and_tp_matches_one_process(tmp_path):
     # rowwise recipe keeps the plain TP styles (bf16 all-gathers), as torchtitan does.
     single = run_distributed(float8_runs, 1, str(tmp_path / "one"), [("tensorwise", TEN_STEPS + EMULATED),
                                                                      ("rowwise", TEN_STEPS + ROWWISE)], timeout=600)[0]
-    layouts = [("fsdp2", TEN_STEPS + EMULATED),  # weights all-gathered in float8 (FSDP2 gathers bytes: gloo can)
+    saving = ["--checkpoint.enable", "true", "--checkpoint.interval", "5"]
+    resume = ["--checkpoint.resume", str(tmp_path / "two" / "fsdp2" / "checkpoint" / "step-00000005")]
+    layouts = [("fsdp2", TEN_STEPS + EMULATED + saving),  # weights all-gathered in float8 (FSDP2 gathers bytes)
+               ("fsdp2_resumed", TEN_STEPS + EMULATED + resume),
                ("fsdp2_bf16_gather", TEN_STEPS + EMULATED + ["--float8.fsdp_float8_all_gather", "false"]),
                ("tp2_rowwise", TEN_STEPS + ROWWISE + ["--parallelism.tensor_parallel_degree", "2"])]
     runs = run_distributed(float8_runs, 2, str(tmp_path / "two"), layouts, timeout=900)[0]
+    # A float8 run's checkpoint (weights are torchao tensor subclasses under FSDP) resumes exactly,
+    # the float8 scales recomputed from the loaded weights.
+    resumed = runs.pop("fsdp2_resumed")
+    assert resumed == runs["fsdp2"][5:]
     for name, losses in runs.items():
         expected = single["rowwise" if "rowwise" in name else "tensorwise"]
         # Scales come from each tensor's global amax, so a layout changes only the order of float
