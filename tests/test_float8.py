@@ -124,7 +124,8 @@ def float8_runs(folder: str, runs: list[tuple[str, list[str]]]) -> dict[str, lis
             for name, overrides in runs}
 
 
-TEN_STEPS = ["--training.steps", "10", "--optimizer.lr", "3e-3", "--training.micro_batch_size", "2"]
+TEN_STEPS = ["--training.steps", "10", "--optimizer.lr", "3e-3", "--training.micro_batch_size", "2",
+             "--training.grad_clip", "0.5"]  # grad norms 0.7-0.95: every step clipped
 
 
 @pytest.mark.slow
@@ -137,7 +138,7 @@ def test_emulated_float8_training_tracks_float32(tmp_path):
     for name in ("tensorwise", "rowwise"):
         run = torch.tensor(losses[name])
         assert torch.isfinite(run).all() and not torch.equal(run, reference), name
-        # Measured: float8 rounding moves these losses by at most 0.044% (tensorwise) and 0.014% (rowwise).
+        # Measured: float8 rounding moves these losses by at most 0.04% (tensorwise) and 0.02% (rowwise).
         torch.testing.assert_close(run, reference, rtol=5e-3, atol=0, msg=lambda m: f"{name}: {m}")
 
 
@@ -151,8 +152,11 @@ def test_emulated_float8_under_fsdp_and_tp_matches_one_process(tmp_path):
     # rowwise recipe keeps the plain TP styles (bf16 all-gathers), as torchtitan does.
     single = run_distributed(float8_runs, 1, str(tmp_path / "one"), [("tensorwise", TEN_STEPS + EMULATED),
                                                                      ("rowwise", TEN_STEPS + ROWWISE)], timeout=600)[0]
-    saving = ["--checkpoint.enable", "true", "--checkpoint.interval", "5"]
-    resume = ["--checkpoint.resume", str(tmp_path / "two" / "fsdp2" / "checkpoint" / "step-00000005")]
+    # The fused AdamW (CUDA's default, on CPU here) clips through its grad_scale input on the float8
+    # all-gather's weight wrappers as on plain weights.
+    saving = ["--checkpoint.enable", "true", "--checkpoint.interval", "5", "--optimizer.implementation", "fused"]
+    resume = ["--checkpoint.resume", str(tmp_path / "two" / "fsdp2" / "checkpoint" / "step-00000005"),
+              "--optimizer.implementation", "fused"]
     layouts = [("fsdp2", TEN_STEPS + EMULATED + saving),  # weights all-gathered in float8 (FSDP2 gathers bytes)
                ("fsdp2_resumed", TEN_STEPS + EMULATED + resume),
                ("fsdp2_bf16_gather", TEN_STEPS + EMULATED + ["--float8.fsdp_float8_all_gather", "false"]),

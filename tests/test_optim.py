@@ -214,13 +214,19 @@ def test_adamw8bit_skips_nonfinite_steps_and_resumes_from_a_checkpoint_exactly(a
 
 # --- CPU-offloaded AdamW (torchao's CPUOffloadOptimizer needs CUDA)
 
-def test_cpu_offload_is_refused_where_it_cannot_run():
+def test_combinations_that_cannot_run_are_refused():
     with pytest.raises(ConfigError, match="optimizer.cpu_offload=true is for one GPU .* use parallelism.fsdp_cpu_offload"):
         resolve(load_config("debug_model", ["--optimizer.cpu_offload", "--training.steps", "2"]), 2, 2048, "cuda")
     with pytest.raises(ConfigError, match="optimizer.cpu_offload=true needs a CUDA device"):
         resolve(load_config("debug_model", ["--optimizer.cpu_offload", "--training.steps", "2"]), 1, 2048, "cpu")
     with pytest.raises(ConfigError, match="optimizer.cpu_offload=true offloads torch's AdamW"):
         load_config("debug_model", ["--optimizer.cpu_offload", "--optimizer.name", "adamw8bit"])
+    with pytest.raises(ConfigError, match="optimizer.name=adamw8bit cannot update the float8 all-gather's weights"):
+        resolve(load_config("debug_model", ["--optimizer.name", "adamw8bit", "--float8.enable", "--compile.enable",
+                                            "--training.steps", "2"]), 2, 2048, "cuda")
+    resolve(load_config("debug_model", ["--optimizer.name", "adamw8bit", "--float8.enable", "--compile.enable",
+                                        "--float8.fsdp_float8_all_gather", "false", "--training.steps", "2"]), 2, 2048,
+            "cuda")  # bf16 all-gathers: fine (tested on CPU, FSDP 2, emulated float8)
     with pytest.raises(ConfigError, match="optimizer.implementation='fused' applies to adamw only"):
         load_config("debug_model", ["--optimizer.name", "adamw8bit", "--optimizer.implementation", "fused"])
 
@@ -278,13 +284,16 @@ def test_adamw8bit_under_fsdp_and_tp_matches_one_process_and_resumes(tmp_path):
     resume = ["--checkpoint.resume", str(tmp_path / "two" / "fsdp2" / "checkpoint" / "step-00000003")]
     runs = run_distributed(train_losses, 2, str(tmp_path / "two"), [
         ("fsdp2", WIDE_8BIT + saving), ("fsdp2_resumed", WIDE_8BIT + resume),
-        ("tp2", WIDE_8BIT + ["--parallelism.tensor_parallel_degree", "2"])], timeout=900)[0]
+        ("tp2", WIDE_8BIT + ["--parallelism.tensor_parallel_degree", "2"]),
+        ("fsdp2_float8", WIDE_8BIT + ["--float8.enable", "--float8.emulate", "--float8.fsdp_float8_all_gather", "false"])],
+        timeout=900)[0]
     # FSDP2 shards rows, and AdamW8bit's blocks of 256 are rows here: the same quantization as one process.
     for step, loss in single.items():
         assert runs["fsdp2"][step] == pytest.approx(loss, rel=1e-5), step
         # TP splits wo/w2 by columns: other blocks of 256, other scales, other 8-bit rounding (measured:
         # up to 0.36% apart by step 4, where the fp32-state layouts agree to 1e-5).
         assert runs["tp2"][step] == pytest.approx(loss, rel=1e-2), step
+        assert runs["fsdp2_float8"][step] == pytest.approx(loss, rel=1e-2), step  # with float8 linears too
     assert sorted(runs["fsdp2_resumed"]) == [4, 5, 6]
     for step in (4, 5, 6):  # the 8-bit moments came back from the sharded checkpoint exactly
         assert runs["fsdp2_resumed"][step] == runs["fsdp2"][step], step

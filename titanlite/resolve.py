@@ -108,8 +108,8 @@ def uses_float8_all_gather(config: Config, fsdp_shard: int) -> bool:
     return settings.enable and settings.recipe == "tensorwise" and settings.fsdp_float8_all_gather and fsdp_shard > 1
 
 
-def check_device_features(config: Config, world_size: int, device_type: str) -> None:
-    """What the device and the number of ranks decide: CPU-offloaded AdamW, float8."""
+def check_device_features(config: Config, world_size: int, device_type: str, shard: int = 1) -> None:
+    """What the device, the number of ranks and the FSDP shard degree decide: CPU-offloaded AdamW, float8."""
     if config.optimizer.cpu_offload and world_size > 1:
         raise ConfigError(f"optimizer.cpu_offload=true is for one GPU (torchao's CPUOffloadOptimizer), not "
                           f"{world_size} ranks: use parallelism.fsdp_cpu_offload=true instead")
@@ -120,6 +120,11 @@ def check_device_features(config: Config, world_size: int, device_type: str) -> 
     if float8.enable and device_type != "cuda" and not float8.emulate:
         raise ConfigError(f"float8.enable=true needs a CUDA GPU (H100 or newer); on {device_type} set "
                           "float8.enable=false (float8.emulate=true only for tests)")
+    if config.optimizer.name == "adamw8bit" and uses_float8_all_gather(config, shard):
+        # torchao's compiled 8-bit update crashes (SIGSEGV) on the float8 all-gather's weight wrapper
+        # (measured on CPU, torch 2.13, torchao 0.18); with bf16 all-gathers the two work together.
+        raise ConfigError("optimizer.name=adamw8bit cannot update the float8 all-gather's weights: set "
+                          "float8.fsdp_float8_all_gather=false (or optimizer.name=adamw)")
     if float8.enable and not config.compile.enable:
         logging.getLogger("titanlite").warning(
             "float8.enable=true without compile.enable: float8 casts run as separate eager kernels, slower than "
@@ -140,7 +145,7 @@ def resolve(config: Config, world_size: int, tokenizer_vocab_size: int, device_t
             f"= {tokens_per_micro_batch * dp}")
     if train.total_tokens == 0 and train.steps == 0:
         raise ConfigError("training.total_tokens=0 and training.steps=0: set one of them")
-    check_device_features(config, world_size, device_type)
+    check_device_features(config, world_size, device_type, shard)
     resolved = concrete_config(config, tokenizer_vocab_size, attention_head_dim)
     total_steps = train.steps or max(1, steps_for_tokens(train.total_tokens, train.global_batch_tokens))
     return Run(
