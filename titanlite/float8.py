@@ -66,6 +66,8 @@ def float8_linear_config(config: Config, fsdp_shard: int):
         linear_config = float8.Float8LinearConfig.from_recipe_name("rowwise")
         # Rowwise scales are powers of two computed in fp32: compiled code must round its casts as
         # eager does (pytorch/pytorch#150859; torchtitan sets the same flag for this recipe).
+        import torch._inductor.config
+
         torch._inductor.config.emulate_precision_casts = True
     else:
         linear_config = float8.Float8LinearConfig(
