@@ -140,6 +140,7 @@ def loss_step(model, optimizer, seed: int, max_norm: float = 1.0, poison: bool =
     from titanlite.optim import step_unless_nonfinite
 
     tokens = torch.randint(0, 256, (4, 8), generator=torch.Generator().manual_seed(seed))
+    tokens = tokens.to(next(model.parameters()).device)
     loss = torch.nn.functional.cross_entropy(model(tokens).flatten(0, 1), tokens.roll(-1, 1).flatten())
     (loss * (math.nan if poison else 1.0)).backward()
     norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters())).float()
