@@ -131,12 +131,15 @@ def step_unless_nonfinite(optimizer: torch.optim.Optimizer, grad_norm: torch.Ten
     updaters = _inner_optimizers(optimizer)
     if all(group.get("fused") for inner in updaters for group in inner.param_groups):
         divisor = clip_divisor(grad_norm, max_norm) if max_norm > 0 else None
-        for inner in updaters:  # each gets the flags on its own device (host updates of the offloaded AdamW)
+        on_device = {}  # the flags on each device the updates run on (the host, for the offloaded AdamW)
+        for inner in updaters:
             device = inner.param_groups[0]["params"][0].device
+            if device not in on_device:
+                on_device[device] = (divisor.to(device) if divisor is not None else None, skipped.to(device))
             if divisor is not None:
-                inner.grad_scale = divisor.to(device)
+                inner.grad_scale = on_device[device][0]
             if skip_nonfinite:
-                inner.found_inf = skipped.to(device)
+                inner.found_inf = on_device[device][1]
         try:
             optimizer.step()
         finally:
