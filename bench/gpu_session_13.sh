@@ -51,7 +51,7 @@ torchtitan() { local limit=$1 name=$2; shift 2
   fi; }
 SAC="--activation_checkpoint.mode selective --activation_checkpoint.selective_blocks 0"
 TT_SAC_ARGS="--activation_checkpoint.mode selective --activation_checkpoint.selective_ac_option $TT_SAC"
-TT_FLOAT8="--model.converters float8 --quantize.linear.float8.filter_fqns $TT_FLOAT8_FILTER"
+TT_FLOAT8="--model.converters quantize.linear.float8 --quantize.linear.float8.recipe_name tensorwise --quantize.linear.float8.filter_fqns $TT_FLOAT8_FILTER"
 
 case $part in
 compare)

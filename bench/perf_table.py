@@ -47,8 +47,10 @@ def memory(case: dict | None) -> str:
 
 
 def table(cases: list[tuple[str, dict]]) -> str:
-    rows, commands = {}, []
+    rows, commands, sessions = {}, [], {}
     for file, case in cases:
+        if case.get("command"):
+            sessions.setdefault(file, case["command"])
         rows.setdefault((file, case["name"]), {})[case["framework"]] = case
         commands.append(f"- `{file}` {case['framework']} `{case['name']}` ({case['ngpu']} GPU): `{case['args']}`")
     lines = ["| results file | setting | GPUs | card | titanlite tokens/s/GPU (MFU) | torchtitan | ratio | "
@@ -60,8 +62,9 @@ def table(cases: list[tuple[str, dict]]) -> str:
                  if ours and theirs else "–")
         lines.append(f"| {file} | {name} | {any_case['ngpu']} | {any_case['gpu']}, torch {any_case['torch']} | "
                      f"{cell(ours)} | {cell(theirs)} | {ratio} | {memory(ours)} | {memory(theirs)} |")
-    return "\n".join(lines) + "\n\nCommands (arguments to `bench/gpu_case.sh FRAMEWORK NAME NGPU ...`):\n\n" + \
-        "\n".join(commands) + "\n"
+    runs = "".join(f"- `{file}`: `{command}`\n" for file, command in sessions.items())
+    return ("\n".join(lines) + "\n\nHow each file was made:\n\n" + runs +
+            "\nEach case's arguments (to `bench/gpu_case.sh FRAMEWORK NAME NGPU ...`):\n\n" + "\n".join(commands) + "\n")
 
 
 def readme_with_table(readme: str, cases: list[tuple[str, dict]]) -> str:

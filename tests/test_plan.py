@@ -110,3 +110,16 @@ def test_cli_prints_the_plan_and_rejects_bad_configs(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--config", "7b_4k.toml", "--model.n_heads", "30"])
     assert exit_info.value.code == 2
+
+
+def test_readme_performance_table_is_generated_from_the_results():
+    import importlib.util
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("perf_table", root / "bench" / "perf_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cases = module.read_cases()
+    assert any(case["framework"] == "torchtitan" for _, case in cases)  # side by side, not titanlite alone
+    readme = (root / "README.md").read_text()
+    assert module.readme_with_table(readme, cases) == readme, "run: python bench/perf_table.py --write"
