@@ -260,10 +260,11 @@ def test_tensor_parallel_8_matches_one_process(tmp_path):
     assert all(result == tp8[0] for result in tp8)  # every rank logs the same numbers
     torch.testing.assert_close(torch.tensor(tp8[0]["loss"], dtype=torch.float64),
                                torch.tensor(single["loss"], dtype=torch.float64), rtol=LOSS_RTOL, atol=0)
-    # The first grad norm compares the gradients of the same weights: float32 rounding only. Later
+    # The first grad norm compares the gradients of the same weights: float32 rounding only (the
+    # vocabulary-sharded loss and sequence-parallel norms sum in another order). Later
     # ones drift further (measured 1.3e-4 at step 5): AdamW turns the rounding differences of
     # near-zero gradients into full-size updates, so the two runs' weights part slightly.
-    assert tp8[0]["grad_norm"][0] == pytest.approx(single["grad_norm"][0], rel=GRAD_NORM_RTOL)
+    assert tp8[0]["grad_norm"][0] == pytest.approx(single["grad_norm"][0], rel=1e-4)  # measured 5.5e-5
     torch.testing.assert_close(torch.tensor(tp8[0]["grad_norm"], dtype=torch.float64),
                                torch.tensor(single["grad_norm"], dtype=torch.float64), rtol=5e-4, atol=0)
 
