@@ -305,3 +305,19 @@ def test_stop_wins_over_rollback_and_rollback_without_checkpoint_stops(tmp_path,
     with pytest.raises(HealthStop, match="after 3 rollbacks") as error:
         roll_back(divergence, monitor, checkpointer, None, run)
     assert f"--checkpoint.resume {tmp_path / 'checkpoint' / 'step-00000005'} --optimizer.lr" in str(error.value)
+
+
+def test_an_inf_grad_norm_is_logged_as_inf_and_not_counted_as_finite():
+    config = load_config(None, ["--metrics.log_freq", "3", "--training.grad_clip", "1.0"])
+    monitor = HealthMonitor(config, 0, "/nonexistent", rank=0, device=torch.device("cpu"))
+    batch = {"input_ids": torch.zeros(1, 4, dtype=torch.long), "labels": torch.zeros(1, 4, dtype=torch.long)}
+    for step, norm in enumerate((0.5, math.inf, 2.0), start=1):
+        result = {"loss": torch.tensor(2.0), "grad_norm": torch.tensor(norm), "sample_losses": torch.tensor([8.0]),
+                  "skipped": torch.tensor(float(not math.isfinite(norm)))}
+        monitor.record(step, result, torch.tensor([4]), [batch], 1e-3)
+    window, _ = monitor.check()
+    assert window["grad_norm"] == 2.0 and window["grad_norm_max"] == 2.0  # the inf step is not a finite maximum
+    assert window["clipped_fraction"] == 0.5  # of the two finite norms, one is above grad_clip
+    assert window["overflow_steps"] == 1
+    monitor.record(4, {**result, "grad_norm": torch.tensor(math.inf)}, torch.tensor([4]), [batch], 1e-3)
+    assert monitor.check()[0]["grad_norm"] == math.inf  # not 3.4e38, float32's largest finite number
