@@ -209,7 +209,7 @@ def test_cli_bad_arguments_exit_2_with_one_line(checkpoint, capsys, arguments, c
 def test_cli_bad_checkpoints_exit_2_with_one_line(tmp_path, checkpoint, capsys):
     for path, words in ((tmp_path / "nowhere", "does not exist"),
                         (checkpoint.parent, "folder of checkpoints"),
-                        (tmp_path, "incomplete")):
+                        (tmp_path, "has no meta.json")):
         with pytest.raises(SystemExit) as exit_info:
             main([str(path), "--prompt", "hi"])
         assert exit_info.value.code == 2

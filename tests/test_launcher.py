@@ -48,7 +48,7 @@ def test_a_config_error_is_one_line_before_torch_is_imported(tmp_path):
 def test_a_data_error_in_one_process_is_titanlites_line_and_status(tmp_path):
     result = launch(tmp_path, *TINY, "--data.source", "./no-such-data", NGPU="1")
     assert result.returncode == 2
-    assert lines(result.stderr)[-1] == "titanlite: data error: data source ./no-such-data: no such file or folder"
+    assert lines(result.stderr)[-1] == "titanlite: data error: data.source=./no-such-data: no such file or folder: check the path"
     assert "Traceback" not in result.stderr + result.stdout
 
 
@@ -56,7 +56,7 @@ def test_a_data_error_under_torchrun_is_titanlites_line_and_status_not_a_traceba
     result = launch(tmp_path, *TINY, "--data.source", "./no-such-data", NGPU="2")
     output = result.stdout + result.stderr
     assert result.returncode == 2, output
-    assert "[rank0]:titanlite: data error: data source ./no-such-data: no such file or folder" in lines(output)
+    assert "[rank0]:titanlite: data error: data.source=./no-such-data: no such file or folder: check the path" in lines(output)
     assert "Traceback" not in output and "ChildFailedError" not in output and "FAILED" not in output
 
 

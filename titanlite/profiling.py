@@ -14,11 +14,15 @@ import contextlib
 import logging
 import pickle
 import traceback
+import warnings
 from pathlib import Path
 
 import torch
 
 logger = logging.getLogger("titanlite")
+# Each profiled window is written out when its cycle ends (on_trace_ready): that the profiler then
+# clears its events is the point, not something to warn about at every run.
+warnings.filterwarnings("ignore", message="Warning: Profiler clears events at the end of each cycle")
 
 SNAPSHOT_TRIGGER = "dump_memory_snapshot"
 # Function names in an OOM traceback -> the phase of the step it happened in (innermost wins).
