@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from titanlite.attention import document_mask
+
 IGNORE_INDEX = -100  # label value that the loss skips
 
 
@@ -23,3 +25,13 @@ def cross_entropy_per_sample(logits: torch.Tensor, labels: torch.Tensor) -> torc
 def valid_tokens_per_sample(labels: torch.Tensor) -> torch.Tensor:
     """labels (batch, seq) -> labelled tokens of each sample (batch,), int64."""
     return (labels != IGNORE_INDEX).sum(dim=1)
+
+
+def batch_sample_losses(model, batch: dict, autocast, loss_fn=cross_entropy_per_sample) -> torch.Tensor:
+    """The model's summed token losses of each sample of `batch` (batch,), fp32; the forward runs under
+    `autocast`. Call inside the loss context (loss_parallel under TP): the logits stay vocab-sharded."""
+    mask = document_mask(batch["document_ids"]) if "document_ids" in batch else None
+    with autocast:
+        logits = model(batch["input_ids"], positions=batch.get("positions"), mask=mask)
+    sample_losses = loss_fn(logits, batch["labels"])
+    return sample_losses.full_tensor() if hasattr(sample_losses, "full_tensor") else sample_losses  # TP: replicated

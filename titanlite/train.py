@@ -16,14 +16,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from titanlite.attention import choose_attention_head_dim, document_mask
+from titanlite.attention import choose_attention_head_dim
 from titanlite.checkpoint import CheckpointError, Checkpointer, TrainState
 from titanlite.config import Config, ConfigError, config_differences, load_config, settings_help
 from titanlite.data import DataError, build_dataloader, check_data_source, warn_if_data_bound
 from titanlite.health import HealthMonitor, HealthStop
 from titanlite.health_detectors import Event
 from titanlite.launch import report_to_launcher
-from titanlite.loss import cross_entropy_per_sample, valid_tokens_per_sample
+from titanlite.loss import batch_sample_losses, cross_entropy_per_sample, valid_tokens_per_sample
 from titanlite.metrics import (MetricLogger, check_dump_folder, init_logging, peak_flops_per_device, start_run_records,
                                start_wandb)
 from titanlite.model import build_model
@@ -53,15 +53,10 @@ def train_step(model, optimizer, micro_batches: list[dict], global_valid_tokens:
     local_loss = torch.zeros((), device=global_valid_tokens.device)
     per_sample = []
     for batch in micro_batches:
-        mask = document_mask(batch["document_ids"]) if "document_ids" in batch else None
-        with autocast:
-            logits = model(batch["input_ids"], positions=batch.get("positions"), mask=mask)
         with loss_context():
-            sample_losses = loss_fn(logits, batch["labels"])
-            if hasattr(sample_losses, "full_tensor"):  # TP: replicated per-sample losses
-                sample_losses = sample_losses.full_tensor()
+            # The logits, the largest activation, are gone once batch_sample_losses returns: freed before the backward.
+            sample_losses = batch_sample_losses(model, batch, autocast, loss_fn)
             loss = sample_losses.sum() / global_valid_tokens
-            del logits  # the logits are the largest activation: free them before the backward
             loss.backward()
         local_loss += loss.detach()
         per_sample.append(sample_losses.detach())

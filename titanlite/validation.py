@@ -24,12 +24,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from titanlite.attention import document_mask
 from titanlite.config import Config
 from titanlite.resolve import Run
 from titanlite.corpus import DEFAULT_CORPUS_SEED, generate_documents
 from titanlite.data import DataError, GlobalOrder, InMemoryRows, RankStream, build_rows, make_batch, pack_texts
-from titanlite.loss import valid_tokens_per_sample
+from titanlite.loss import batch_sample_losses, valid_tokens_per_sample
 from titanlite.tokenizer import Tokenizer
 
 logger = logging.getLogger("titanlite")
@@ -95,13 +94,8 @@ class Validator:
         batches = iter(self.stream)
         for _ in range(self.micro_steps):
             batch = {key: value.to(device, non_blocking=True) for key, value in next(batches).items()}
-            mask = document_mask(batch["document_ids"]) if "document_ids" in batch else None
-            with autocast:
-                logits = model(batch["input_ids"], positions=batch.get("positions"), mask=mask)
             with loss_context():
-                sample_losses = loss_fn(logits, batch["labels"])
-                if hasattr(sample_losses, "full_tensor"):  # TP: replicated per-sample losses
-                    sample_losses = sample_losses.full_tensor()
+                sample_losses = batch_sample_losses(model, batch, autocast, loss_fn)
             summed[0] += sample_losses.double().sum()
             summed[1] += valid_tokens_per_sample(batch["labels"]).sum()
         if self.reduce_group is not None:
