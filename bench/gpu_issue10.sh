@@ -5,10 +5,7 @@
 #   .whl/ the wheels of bench/gpu_case.sh's torchtitan runs (datasets, torchao, ...).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  > /tmp/pip.log 2>&1 || { tail -5 /tmp/pip.log; exit 1; }
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out}
-export RESULTS=$OUT/cases.jsonl
+source bench/gpu_env.sh
 nvidia-smi --query-gpu=name,power.limit,clocks.sm --format=csv,noheader
 source bench/shapes.sh
 case_args() { echo $(seven_b 8) $(bench_steps 4 30) --compile.enable true --activation_checkpoint.mode selective; }

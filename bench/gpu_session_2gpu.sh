@@ -8,10 +8,7 @@
 # Results: JSON lines in $OUT/cases.jsonl (bench/gpu_case.sh), logs and loss curves under $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  > /tmp/pip.log 2>&1 || { tail -5 /tmp/pip.log; exit 1; }
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out}
-export RESULTS=$OUT/cases.jsonl
+source bench/gpu_env.sh
 source bench/shapes.sh
 thirteen_b() { echo --model.dim 5120 --model.n_heads 40 --model.n_kv_heads 8 --model.intermediate_size 13824 \
   --model.vocab_size 128256 --model.n_layers "$1" --training.seq_len 4096; }

@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 
 from titanlite.checkpoint import load_model_weights, save_model_checkpoint
 from titanlite.config import load_config
-from titanlite.convert import ConvertError, config_of_checkpoint, export_to_hf, import_from_hf, main
+from titanlite.config import config_from_dict
+from titanlite.convert import ConvertError, export_to_hf, import_from_hf, main
 from titanlite.hf_tokenizer import write_hf_tokenizer
 from titanlite.model import build_model
 from titanlite.tokenizer import build_tokenizer
@@ -34,7 +35,7 @@ MULTILINGUAL = ("def f(x):\n    return {'a': x ** 2}  # 平方\n\n\n\tif x:\r\n 
 def titanlite_model(checkpoint, max_seq_len):
     """The model a checkpoint holds, in float32 on the CPU, with RoPE tables for max_seq_len positions."""
     weights, meta = load_model_weights(checkpoint)
-    config = config_of_checkpoint(meta)
+    config = config_from_dict(meta["config"])
     model = build_model(config.model, max_seq_len, "cpu")
     model.load_state_dict(weights)
     model.init_rope()

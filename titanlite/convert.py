@@ -127,11 +127,6 @@ def from_hf_state(hf: dict[str, torch.Tensor], model, tied: bool, source: Path) 
 
 # --- commands --------------------------------------------------------------------------------
 
-def config_of_checkpoint(meta: dict) -> Config:
-    """The config a checkpoint was trained with (its meta.json), on today's defaults for newer fields."""
-    return config_from_dict(meta["config"])
-
-
 def export_to_hf(checkpoint: Path, out_dir: Path, dtype: torch.dtype | None = None,
                  max_shard_bytes: int = 5 * 2**30, tokenizer_path: str | None = None) -> Path:
     """Write `checkpoint` (any complete titanlite checkpoint) as an HF Llama folder with its tokenizer.
@@ -139,7 +134,7 @@ def export_to_hf(checkpoint: Path, out_dir: Path, dtype: torch.dtype | None = No
     The tokenizer is the checkpoint's tokenizer.path unless `tokenizer_path` is given.
     """
     weights, meta = load_model_weights(checkpoint)
-    config = config_of_checkpoint(meta)
+    config = config_from_dict(meta["config"])
     path = tokenizer_path or config.tokenizer.path
     try:
         tokenizer = build_tokenizer(path)

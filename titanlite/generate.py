@@ -24,7 +24,7 @@ from typing import Iterator
 import torch
 
 from titanlite.checkpoint_files import STEP_FOLDER, CheckpointError, load_model_weights, read_checkpoint
-from titanlite.config import Model as ModelConfig
+from titanlite.config import ConfigError, config_from_dict
 from titanlite.kv_cache import KVCache
 from titanlite.model import Transformer, build_model
 from titanlite.rope import rope_tables
@@ -96,9 +96,9 @@ def load_model(checkpoint: Path, device: torch.device | str = "cpu", dtype: torc
     checkpoint = Path(checkpoint)
     weights, meta = load_model_weights(checkpoint)
     saved = meta.get("config") or {}
-    try:
-        config = ModelConfig(**saved["model"])
-    except (KeyError, TypeError) as error:
+    try:  # settings added or removed since the checkpoint was written keep today's defaults or are ignored
+        config = config_from_dict(saved).model
+    except (ConfigError, AttributeError, TypeError) as error:
         raise CheckpointError(f"{checkpoint / 'meta.json'} has no usable model config ({type(error).__name__}: "
                               f"{error}): it was written by another program or version") from None
     if config.vocab_size <= 0:
