@@ -2,6 +2,7 @@
 
 import datetime
 import json
+import os
 import re
 import statistics
 import sys
@@ -45,6 +46,17 @@ else:
                       tflops_per_gpu=statistics.mean(s[3] for s in steady),
                       mfu_percent=statistics.mean(s[4] for s in steady), peak_reserved_gib=max(s[1] for s in steady),
                       steps_logged=[s[0] for s in steady])
+# The GPU samples taken while it trained (power within 20% of the run's highest; compile, start-up
+# and the end draw less): medians.
+try:
+    samples = [[float(x) for x in line.split(",")] for line in open(os.environ.get("GPU_SAMPLES", ""))
+               if line.count(",") == 2 and "N/A" not in line]
+except (FileNotFoundError, ValueError):
+    samples = []
+if len(samples) >= 4:
+    training = [s for s in samples if s[1] >= 0.8 * max(s[1] for s in samples)]
+    record.update(sm_clock_mhz=statistics.median(s[0] for s in training), power_w=statistics.median(s[1] for s in training),
+                  temperature_c=statistics.median(s[2] for s in training))
 if int(rc) != 0:
     record["log_tail"] = log[-3000:]
 print(json.dumps(record))

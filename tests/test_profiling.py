@@ -70,3 +70,32 @@ def test_compile_stats_count_frames_and_warn_on_recompilation(tmp_path, caplog):
         assert profiler.compile_stats(10)["compile/frames"] == 2
     assert "TORCH_LOGS=recompiles" in caplog.text
     torch._dynamo.reset()
+
+
+def test_trace_summary_counts_the_kernels_of_the_profiled_steps_only(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    from trace_summary import summarize
+
+    def kernel(name, ts, dur, cat="kernel"):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur}
+
+    steps = [{"ph": "X", "cat": "gpu_user_annotation", "name": f"ProfilerStep#{n}", "ts": start, "dur": 1000}
+             for n, start in ((9, 0), (10, 2000))]
+    events = steps + [
+        kernel("nvjet_sm90_tst_NNT", 10, 600), kernel("nvjet_sm90_tst_NNT", 2010, 400),    # in the steps
+        kernel("cudnn_flash_bprop", 700, 100), kernel("triton_poi_fused_add_0", 2500, 50),
+        kernel("Memset (Device)", 900, 10, cat="gpu_memset"),
+        kernel("nvjet_sm90_tst_NNT", 1500, 5000),  # between the steps: not counted
+        {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 20, "dur": 900}]
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps({"traceEvents": events}))
+    summary = summarize(path)
+    assert summary["steps"] == 2 and summary["span_ms"] == pytest.approx(1.0)
+    assert summary["groups_ms"]["matmul"] == pytest.approx((0.6 + 0.4) / 2)
+    assert summary["groups_ms"]["attention"] == pytest.approx(0.05)
+    assert summary["groups_ms"]["triton"] == pytest.approx(0.025)
+    assert summary["groups_ms"]["copy"] == pytest.approx(0.005)
+    assert summary["kernels"]["nvjet_sm90_tst_NNT"] == {"ms": pytest.approx(0.5), "calls": 1.0}

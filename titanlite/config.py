@@ -120,8 +120,9 @@ class Optimizer:
     beta2: float = setting(0.95, "AdamW beta2", ge=0, le=1)
     eps: float = setting(1e-8, "AdamW epsilon", ge=0)
     weight_decay: float = setting(0.1, "decoupled weight decay (not on norms)", ge=0)
-    implementation: str = setting("auto", "auto: fused on CUDA, foreach on CPU (adamw only)",
-                                  choices=("auto", "fused", "foreach", "for-loop"))
+    implementation: str = setting("auto", "auto: on CUDA compiled (one compiled kernel per parameter, "
+                                          "titanlite/adamw.py) or fused without compile, on CPU foreach (adamw only)",
+                                  choices=("auto", "fused", "compiled", "foreach", "for-loop"))
     cpu_offload: bool = setting(False, "one GPU: AdamW state and its update on the host (torchao "
                                        "CPUOffloadOptimizer); with FSDP use parallelism.fsdp_cpu_offload")
 
