@@ -7,6 +7,7 @@
 #                                       titanlite's LR schedule: no AC A = 1 and A = 4, selective AC A = 4
 #   bench/gpu_session_adamw.sh fsdp2    (2 GPUs) full 32-layer 7B, FSDP 2, selective AC, same data: titanlite
 #                                       (compiled AdamW) and torchtitan
+#   bench/gpu_session_adamw.sh fsdp2_noac  (2 GPUs) the same without activation checkpointing (if it fits)
 #   bench/gpu_session_adamw.sh rest     selective AC with A = 4 (titanlite compiled, torchtitan); 300 steps of
 #                                       adamw vs adamw8bit on the 7B shape with 4 layers (loss curves under
 #                                       $OUT/loss_curves); CPU-offloaded AdamW
@@ -51,6 +52,14 @@ fsdp2)
   timeout 150 bench/gpu_case.sh torchtitan 7b_fsdp2_sac_same_data 2 $(tt_seven_b 32) --training.local_batch_size 4 \
     --training.steps 15 --metrics.log_freq 5 --compile.enable --optimizer.lr 3e-4 --lr_scheduler.decay_type cosine \
     --lr_scheduler.min_lr_factor 0.1 --activation_checkpoint.mode selective --activation_checkpoint.selective_ac_option op
+  ;;
+fsdp2_noac)
+  python3 bench/tt_assets.py
+  timeout 110 bench/gpu_case.sh torchtitan 7b_fsdp2_noac_same_data 2 $(tt_seven_b 32) --training.local_batch_size 4 \
+    --training.steps 12 --metrics.log_freq 4 --compile.enable --optimizer.lr 3e-4 --lr_scheduler.decay_type cosine \
+    --lr_scheduler.min_lr_factor 0.1 --activation_checkpoint.mode none
+  timeout 110 bench/gpu_case.sh titanlite 7b_fsdp2_noac_same_data 2 $(seven_b 32) $(bench_steps 4 12 2) \
+    --metrics.log_freq 4 --compile.enable true --activation_checkpoint.mode none
   ;;
 rest)
   loss=(--training.seed 0 --metrics.log_freq 1 --lr_schedule.decay cosine --training.micro_batch_size 4
