@@ -91,7 +91,8 @@ class CompiledAdamW(torch.optim.AdamW):
             for param in group["params"]:
                 if param.grad is None:
                     continue
-                state, device = self.state[param], _local(param).device
+                local = _local(param)
+                state, device = self.state[param], local.device
                 if not state:
                     state["step"] = torch.zeros((), dtype=torch.float32, device=device)
                     state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
@@ -99,7 +100,10 @@ class CompiledAdamW(torch.optim.AdamW):
                 elif state["step"].device != device:  # torch's load_state_dict leaves a saved step where it was
                     state["step"] = state["step"].to(device, torch.float32)
                 scalars = self._device_scalars(device, float(group["lr"]), grad_scale, found_inf)
-                self._update(_local(param), _local_gradient(param), _local(state["exp_avg"]),
+                # A tensor subclass (torchao's float8 all-gather weights under FSDP) runs the same
+                # update eagerly, through its own dispatch, as torch's AdamW would.
+                update = self._update if type(local) in (torch.Tensor, torch.nn.Parameter) else adamw_update_
+                update(local, _local_gradient(param), _local(state["exp_avg"]),
                              _local(state["exp_avg_sq"]), state["step"], scalars["lr"], scalars["grad_scale"],
                              scalars["found_inf"], beta1, beta2, group["eps"], group["weight_decay"])
         return loss

@@ -121,7 +121,8 @@ class Optimizer:
     eps: float = setting(1e-8, "AdamW epsilon", ge=0)
     weight_decay: float = setting(0.1, "decoupled weight decay (not on norms)", ge=0)
     implementation: str = setting("auto", "auto: on CUDA compiled (one compiled kernel per parameter, "
-                                          "titanlite/adamw.py) or fused without compile, on CPU foreach (adamw only)",
+                                          "titanlite/adamw.py), fused without compile or with float8; on CPU "
+                                          "foreach (adamw only)",
                                   choices=("auto", "fused", "compiled", "foreach", "for-loop"))
     cpu_offload: bool = setting(False, "one GPU: AdamW state and its update on the host (torchao "
                                        "CPUOffloadOptimizer); with FSDP use parallelism.fsdp_cpu_offload")

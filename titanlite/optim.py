@@ -55,8 +55,10 @@ def build_optimizer(model: nn.Module, config: Config, device_type: str) -> torch
     implementation = opt.implementation
     if implementation == "auto":
         # On an H200 (7B shape) the compiled update takes 17.4 ms where torch's fused one takes 23.5
-        # (bench/bench_optimizer.py); without compile, fused. foreach is the fast CPU path.
-        implementation = ("compiled" if config.compile.enable else "fused") if device_type == "cuda" else "foreach"
+        # (bench/bench_optimizer.py). Fused without compile, and with float8, whose FSDP weights are
+        # torchao tensor subclasses (measured with fused). foreach is the fast CPU path.
+        compiled = config.compile.enable and not config.float8.enable
+        implementation = ("compiled" if compiled else "fused") if device_type == "cuda" else "foreach"
     if implementation == "compiled":
         return CompiledAdamW(groups, compile=config.compile.enable, **hyper)  # eager when compile is off
     return torch.optim.AdamW(groups, **hyper, fused=implementation == "fused", foreach=implementation == "foreach")
