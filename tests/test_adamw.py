@@ -124,13 +124,19 @@ def train_losses(folder: str, runs: list) -> dict:
 
 
 @pytest.mark.slow
-def test_compiled_adamw_under_fsdp_and_tp_matches_torch_adamw_in_one_process(tmp_path):
+def test_compiled_adamw_under_fsdp_and_tp_matches_torch_adamw_in_one_process_and_resumes(tmp_path):
     steps = ["--training.steps", "5", "--optimizer.lr", "3e-3"]
     single = run_distributed(train_losses, 1, str(tmp_path / "one"), [
         ("foreach", steps + ["--optimizer.implementation", "foreach"])], timeout=600)[0]["foreach"]
     compiled = steps + ["--optimizer.implementation", "compiled"]
+    saving = ["--checkpoint.enable", "true", "--checkpoint.interval", "3"]
+    resume = ["--checkpoint.resume", str(tmp_path / "two" / "fsdp2" / "checkpoint" / "step-00000003")]
     runs = run_distributed(train_losses, 2, str(tmp_path / "two"), [
-        ("fsdp2", compiled), ("tp2", compiled + ["--parallelism.tensor_parallel_degree", "2"])], timeout=900)[0]
+        ("fsdp2", compiled + saving), ("fsdp2_resumed", compiled + resume),
+        ("tp2", compiled + ["--parallelism.tensor_parallel_degree", "2"])], timeout=900)[0]
     for step, loss in single.items():
         assert runs["fsdp2"][step] == pytest.approx(loss, rel=1e-5), step
         assert runs["tp2"][step] == pytest.approx(loss, rel=1e-5), step
+    assert sorted(runs["fsdp2_resumed"]) == [4, 5]
+    for step in (4, 5):  # moments and step counts came back from the sharded checkpoint exactly
+        assert runs["fsdp2_resumed"][step] == runs["fsdp2"][step], step
