@@ -55,7 +55,8 @@ except (FileNotFoundError, ValueError):
     samples = []
 if len(samples) >= 4:
     training = [s for s in samples if s[1] >= 0.8 * max(s[1] for s in samples)]
-    record.update(sm_clock_mhz=statistics.median(s[0] for s in training), power_w=statistics.median(s[1] for s in training),
+    record.update(sm_clock_mhz=statistics.median(s[0] for s in training),
+                  power_w=statistics.median(s[1] for s in training),
                   temperature_c=statistics.median(s[2] for s in training))
 if int(rc) != 0:
     record["log_tail"] = log[-3000:]

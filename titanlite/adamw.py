@@ -1,11 +1,11 @@
 """AdamW whose update of each parameter is one compiled kernel (`optimizer.implementation = "compiled"`).
 
-torch's fused AdamW walks all parameters in chunks of 64k elements (multi_tensor_apply); on an
-H200 it streams the 32 bytes per parameter that AdamW must read and write at about 1.6 TB/s, a
-third of the memory's bandwidth, and at one micro-batch per step that is ~13% of a 7B-shape step.
-Here `adamw_update_` (plain PyTorch, the formula of torch.optim.AdamW) is compiled once with
-dynamic shapes and runs as one pointwise kernel per parameter, which inductor writes to stream
-memory close to its peak (bench/bench_optimizer.py measures both).
+torch's fused AdamW walks all parameters in chunks of 64k elements (multi_tensor_apply). Here
+`adamw_update_` (plain PyTorch, the formula of torch.optim.AdamW) is compiled once with dynamic
+shapes and runs as one pointwise kernel per parameter. On an H200, for the 2.47 B fp32 parameters of
+the 7B shape with 8 layers, a step takes 17.4 ms against the fused kernel's 23.5 ms: 3.97 TB/s of
+the 28 bytes per parameter it reads and writes, against 3.36 TB/s of the fused kernel's 32 (it also
+writes the divided gradient back) (bench/bench_optimizer.py).
 
 The class is torch.optim.AdamW with another `step`: the same param groups and the same state
 (`step`, `exp_avg`, `exp_avg_sq` per parameter, fp32 like the parameters), so checkpoints move
@@ -88,6 +88,7 @@ class CompiledAdamW(torch.optim.AdamW):
             if group.get("maximize") or group.get("amsgrad"):
                 raise NotImplementedError("CompiledAdamW implements plain AdamW (no amsgrad, no maximize)")
             beta1, beta2 = group["betas"]
+            scalars = {}  # per device, once per group: the LR and the step's clip divisor and skip flag
             for param in group["params"]:
                 if param.grad is None:
                     continue
@@ -99,11 +100,13 @@ class CompiledAdamW(torch.optim.AdamW):
                     state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
                 elif state["step"].device != device:  # torch's load_state_dict leaves a saved step where it was
                     state["step"] = state["step"].to(device, torch.float32)
-                scalars = self._device_scalars(device, float(group["lr"]), grad_scale, found_inf)
+                if device not in scalars:
+                    scalars[device] = self._device_scalars(device, float(group["lr"]), grad_scale, found_inf)
+                on_device = scalars[device]
                 # A tensor subclass (torchao's float8 all-gather weights under FSDP) runs the same
                 # update eagerly, through its own dispatch, as torch's AdamW would.
                 update = self._update if type(local) in (torch.Tensor, torch.nn.Parameter) else adamw_update_
-                update(local, _local_gradient(param), _local(state["exp_avg"]),
-                             _local(state["exp_avg_sq"]), state["step"], scalars["lr"], scalars["grad_scale"],
-                             scalars["found_inf"], beta1, beta2, group["eps"], group["weight_decay"])
+                update(local, _local_gradient(param), _local(state["exp_avg"]), _local(state["exp_avg_sq"]),
+                       state["step"], on_device["lr"], on_device["grad_scale"], on_device["found_inf"],
+                       beta1, beta2, group["eps"], group["weight_decay"])
         return loss
