@@ -59,6 +59,7 @@ def build_optimizer(model: nn.Module, config: Config, device_type: str) -> torch
         # torchao tensor subclasses (measured with fused). foreach is the fast CPU path.
         compiled = config.compile.enable and not config.float8.enable
         implementation = ("compiled" if compiled else "fused") if device_type == "cuda" else "foreach"
+    logger.info("optimizer: AdamW, %s update", implementation)
     if implementation == "compiled":
         return CompiledAdamW(groups, compile=config.compile.enable, **hyper)  # eager when compile is off
     return torch.optim.AdamW(groups, **hyper, fused=implementation == "fused", foreach=implementation == "foreach")
