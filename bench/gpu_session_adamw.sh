@@ -8,22 +8,23 @@
 #   bench/gpu_session_adamw.sh fsdp2    (2 GPUs) full 32-layer 7B, FSDP 2, selective AC, same data: titanlite
 #                                       (compiled AdamW) and torchtitan
 #   bench/gpu_session_adamw.sh fsdp2_noac  (2 GPUs) the same without activation checkpointing (if it fits)
-#   bench/gpu_session_adamw.sh rest     selective AC with A = 4 (titanlite compiled, torchtitan); 300 steps of
-#                                       adamw vs adamw8bit on the 7B shape with 4 layers (loss curves under
-#                                       $OUT/loss_curves); CPU-offloaded AdamW
+#   bench/gpu_session_adamw.sh rest     300 steps of adamw vs adamw8bit on the 7B shape with 4 layers (loss
+#                                       curves under $OUT/loss_curves); CPU-offloaded AdamW
 # One JSON line per case in $OUT/cases.jsonl (bench/gpu_case.sh).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source bench/shapes.sh
 source bench/gpu_env.sh
 steps=20
+# torchtitan with titanlite's LR schedule (3e-4, warmup 5 steps from tt_seven_b, cosine to 0.1)
+TT_SCHEDULE=(--optimizer.lr 3e-4 --lr_scheduler.decay_type cosine --lr_scheduler.min_lr_factor 0.1)
 titanlite() { local name=$1 accumulation=$2; shift 2
   timeout 150 bench/gpu_case.sh titanlite "$name" 1 $(seven_b 8) $(bench_steps 4 $steps "$accumulation") \
     --compile.enable true "$@"; }
 torchtitan() { local name=$1 accumulation=$2; shift 2
   timeout 150 bench/gpu_case.sh torchtitan "$name" 1 $(tt_seven_b 8) --training.local_batch_size 4 \
     --training.global_batch_size $(( 4 * accumulation )) --training.steps $steps --metrics.log_freq 5 \
-    --compile.enable --optimizer.lr 3e-4 --lr_scheduler.decay_type cosine --lr_scheduler.min_lr_factor 0.1 "$@"; }
+    --compile.enable "${TT_SCHEDULE[@]}" "$@"; }
 NOAC=(--activation_checkpoint.mode none)
 SAC=(--activation_checkpoint.mode selective --activation_checkpoint.selective_blocks 0)
 COMPILED=(--optimizer.implementation compiled)
@@ -50,14 +51,13 @@ fsdp2)
   timeout 150 bench/gpu_case.sh titanlite 7b_fsdp2_sac_same_data 2 $(seven_b 32) $(bench_steps 4 15 2) \
     --compile.enable true --activation_checkpoint.mode selective
   timeout 150 bench/gpu_case.sh torchtitan 7b_fsdp2_sac_same_data 2 $(tt_seven_b 32) --training.local_batch_size 4 \
-    --training.steps 15 --metrics.log_freq 5 --compile.enable --optimizer.lr 3e-4 --lr_scheduler.decay_type cosine \
-    --lr_scheduler.min_lr_factor 0.1 --activation_checkpoint.mode selective --activation_checkpoint.selective_ac_option op
+    --training.steps 15 --metrics.log_freq 5 --compile.enable "${TT_SCHEDULE[@]}" --activation_checkpoint.mode selective \
+    --activation_checkpoint.selective_ac_option op
   ;;
 fsdp2_noac)
   python3 bench/tt_assets.py
   timeout 110 bench/gpu_case.sh torchtitan 7b_fsdp2_noac_same_data 2 $(tt_seven_b 32) --training.local_batch_size 4 \
-    --training.steps 12 --metrics.log_freq 4 --compile.enable --optimizer.lr 3e-4 --lr_scheduler.decay_type cosine \
-    --lr_scheduler.min_lr_factor 0.1 --activation_checkpoint.mode none
+    --training.steps 12 --metrics.log_freq 4 --compile.enable "${TT_SCHEDULE[@]}" --activation_checkpoint.mode none
   timeout 110 bench/gpu_case.sh titanlite 7b_fsdp2_noac_same_data 2 $(seven_b 32) $(bench_steps 4 12 2) \
     --metrics.log_freq 4 --compile.enable true --activation_checkpoint.mode none
   ;;

@@ -12,12 +12,15 @@ from titanlite.adamw import CompiledAdamW
 HYPER = {"betas": (0.9, 0.95), "eps": 1e-8}
 
 
-def model_and_groups(dtype=torch.float64):
+def small_model(dtype=torch.float64):
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.LayerNorm(48), torch.nn.Linear(48, 8)).to(dtype)
-    decayed = [p for p in model.parameters() if p.ndim >= 2]
-    rest = [p for p in model.parameters() if p.ndim < 2]
-    return model, lambda: [{"params": decayed, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}]
+    return torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.LayerNorm(48), torch.nn.Linear(48, 8)).to(dtype)
+
+
+def groups_of(module):
+    """The trainer's two groups: matrices decayed, gains and biases not."""
+    return [{"params": [p for p in module.parameters() if p.ndim >= 2], "weight_decay": 0.1},
+            {"params": [p for p in module.parameters() if p.ndim < 2], "weight_decay": 0.0}]
 
 
 def set_same_gradients(models, seed: int, scale: float = 1.0) -> None:
@@ -38,12 +41,10 @@ def assert_same_state(model, optimizer, twin, reference, rtol=1e-12):
 
 @pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_steps_equal_torch_adamw_in_float64(compiled):
-    model, groups = model_and_groups()
+    model = small_model()
     twin = copy.deepcopy(model)
-    optimizer = CompiledAdamW(groups(), lr=1e-2, compile=compiled, **HYPER)
-    reference = torch.optim.AdamW([{"params": [q for q in twin.parameters() if q.ndim >= 2], "weight_decay": 0.1},
-                                   {"params": [q for q in twin.parameters() if q.ndim < 2], "weight_decay": 0.0}],
-                                  lr=1e-2, foreach=False, **HYPER)
+    optimizer = CompiledAdamW(groups_of(model), lr=1e-2, compile=compiled, **HYPER)
+    reference = torch.optim.AdamW(groups_of(twin), lr=1e-2, foreach=False, **HYPER)
     for step, lr in enumerate((1e-2, 3e-3, 5e-2, 1e-3, 1e-2)):  # the LR changes every step, as a schedule does
         for opt in (optimizer, reference):
             for group in opt.param_groups:
@@ -52,13 +53,13 @@ def test_steps_equal_torch_adamw_in_float64(compiled):
         optimizer.step()
         reference.step()
     assert_same_state(model, optimizer, twin, reference)
-    assert any((p - q).abs().max() > 0 for p, q in zip(model.parameters(), model_and_groups()[0].parameters()))
+    assert any((p - q).abs().max() > 0 for p, q in zip(model.parameters(), small_model().parameters()))
 
 
 def test_grad_scale_divides_and_found_inf_leaves_everything_untouched():
-    model, groups = model_and_groups()
+    model = small_model()
     twin = copy.deepcopy(model)
-    optimizer = CompiledAdamW(groups(), lr=1e-2, compile=False, **HYPER)
+    optimizer = CompiledAdamW(groups_of(model), lr=1e-2, compile=False, **HYPER)
     reference = torch.optim.AdamW(twin.parameters(), lr=1e-2, weight_decay=0.0, foreach=False, **HYPER)
     for group in optimizer.param_groups:
         group["weight_decay"] = 0.0
@@ -81,17 +82,13 @@ def test_grad_scale_divides_and_found_inf_leaves_everything_untouched():
 
 
 def test_checkpoints_move_between_compiled_and_torch_adamw():
-    def groups_of(module):
-        return [{"params": [p for p in module.parameters() if p.ndim >= 2], "weight_decay": 0.1},
-                {"params": [p for p in module.parameters() if p.ndim < 2], "weight_decay": 0.0}]
-
     def compiled(module):
         return CompiledAdamW(groups_of(module), lr=1e-2, compile=False, **HYPER)
 
     def plain(module):
         return torch.optim.AdamW(groups_of(module), lr=1e-2, foreach=False, **HYPER)
 
-    model, _ = model_and_groups(torch.float32)
+    model = small_model(torch.float32)
     twin = copy.deepcopy(model)
     first, second = compiled(model), plain(twin)
     for step in range(2):

@@ -50,8 +50,9 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _local_gradient(param: torch.Tensor) -> torch.Tensor:
-    """The gradient's shard that matches the parameter's local shard. Under TP a gradient can come
-    back Partial (the norm gains: summed here) or Replicate (the vocab-sharded embedding: sliced)."""
+    """The gradient's shard that matches the parameter's local shard. Under TP the vocab-sharded
+    embedding's gradient comes back Replicate (sliced here); a Partial one (the norm gains) is
+    summed here, unless parallelize.global_grad_norm did it already, as the trainer's step does."""
     grad = param.grad
     if isinstance(grad, DTensor) and grad.placements != param.placements:
         grad = grad.redistribute(param.device_mesh, param.placements)

@@ -125,10 +125,9 @@ def step_unless_nonfinite(optimizer: torch.optim.Optimizer, grad_norm: torch.Ten
     """Clip the gradients to `max_norm` (0: no clipping) and step, unless the global grad norm is
     inf/NaN; returns 1.0 if skipped, else 0.0 (device).
 
-    Fused torch AdamW (the default on CUDA, and the host updates of the CPU-offloaded AdamW) and
-    CompiledAdamW: no
-    host sync and no pass over the gradients. The kernel divides each gradient by its
-    `grad_scale` input as it reads it (GradScaler's unscale), so clipping costs nothing, and the
+    AdamW's fused and compiled updates (the defaults on CUDA; the host updates of the CPU-offloaded
+    AdamW are fused): no host sync and no pass over the gradients. The kernel divides each gradient
+    by its `grad_scale` input as it reads it (GradScaler's unscale), so clipping costs nothing, and the
     skip flag goes to its `found_inf` input, which leaves weights, moments and step count
     untouched. Other optimizers (foreach / for-loop AdamW, adamw8bit): the gradients are scaled
     in place first, and the skip is decided on the host each step (free on CPU; on CUDA a sync
@@ -165,9 +164,9 @@ def step_unless_nonfinite(optimizer: torch.optim.Optimizer, grad_norm: torch.Ten
         return skipped
     if skipped.device.type == "cuda" and not _warned_host_check:
         _warned_host_check = True
-        logger.warning("the optimizer has no device-side skip (only fused torch AdamW does): skipping non-finite "
-                       "steps costs a host sync per step%s", "" if not isinstance(optimizer, torch.optim.AdamW)
-                       else "; use optimizer.implementation=fused")
+        logger.warning("the optimizer has no device-side skip (only AdamW's fused and compiled updates do): skipping "
+                       "non-finite steps costs a host sync per step%s", "" if not isinstance(optimizer, torch.optim.AdamW)
+                       else "; use optimizer.implementation=compiled or fused")
     if not skipped.item():  # host sync: every step, only for non-fused optimizers (see the docstring)
         optimizer.step()
     return skipped

@@ -302,10 +302,14 @@ def global_grad_norm(parameters: list[nn.Parameter]) -> torch.Tensor:
     under any FSDP x TP layout, gets the same number (a per-mesh-dimension reduction, as DTensor's
     full_tensor() does it, sums in another order on every layout) and clips by the same factor
     (optim.step_unless_nonfinite clips).
+    A gradient left Partial (under TP, the sequence-parallel norms' gains) is summed here once and
+    put back as the parameter's gradient, so the optimizer does not sum it again.
     """
+    for param in parameters:
+        grad = param.grad
+        if isinstance(grad, DTensor) and any(q.is_partial() for q in grad.placements):
+            param.grad = grad.redistribute(placements=[Replicate() if q.is_partial() else q for q in grad.placements])
     grads = [p.grad for p in parameters if p.grad is not None]
-    grads = [g.redistribute(placements=[Replicate() if q.is_partial() else q for q in g.placements])
-             if isinstance(g, DTensor) and any(q.is_partial() for q in g.placements) else g for g in grads]
     world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
     weights = torch.tensor([1.0 / _copies(g, world_size) for g in grads], dtype=torch.float64, device=local[0].device)

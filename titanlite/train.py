@@ -177,15 +177,16 @@ def train(config: Config) -> list[dict]:
     optimizer = build_optimizer(model, config, device.type)
     train_state = TrainState()
     health = HealthMonitor(config, run.warmup_steps, dump_folder, rank, device, reduce_group, tokenizer)
+    run_record = run.to_dict()  # what config.json, checkpoints' meta.json and W&B record
     checkpointer = Checkpointer(config, dims, dump_folder, {
         "model": model, "optimizer": optimizer, "dataloader": loader, "train_state": train_state, "health": health},
-        run.to_dict())
+        run_record)
     resumed = checkpointer.load() is not None  # resume (checkpoint.resume): the loop goes on at train_state.step + 1
-    if resumed and (changed := config_differences(checkpointer.loaded_meta["config"], run.to_dict())):
+    if resumed and (changed := config_differences(checkpointer.loaded_meta["config"], run_record)):
         logger.warning("resume: this run's config differs from the checkpoint's; this config applies from step %d "
                        "(the LR schedule follows it): %s", train_state.step + 1, "; ".join(changed))
     if rank == 0:
-        start_run_records(dump_folder, run.to_dict(), resumed)
+        start_run_records(dump_folder, run_record, resumed)
     health.install_fault_injection(model)  # testing aid only; off unless health.inject_nan_at_step
     profiler = TrainingProfiler(config, dump_folder, rank, device)
     data_iterator = iter(loader)  # after the load: it starts at the restored data position
@@ -193,7 +194,7 @@ def train(config: Config) -> list[dict]:
                            peak_flops_per_device(device, config.metrics.peak_flops),
                            config.metrics.enable_tensorboard, config.metrics.enable_jsonl, device,
                            run.total_steps, train_state.step,
-                           start_wandb(config.metrics, run.to_dict(), dump_folder) if rank == 0 else None)
+                           start_wandb(config.metrics, run_record, dump_folder) if rank == 0 else None)
     logger.info("model: %s parameters (%s without the embedding), %s FLOPs/token, %d grad-accum steps",
                 f"{model.num_params():,}", f"{model.num_params(exclude_embedding=True):,}",
                 f"{model.flops_per_token(config.training.seq_len):,}", run.grad_accum_steps)
