@@ -5,6 +5,8 @@ import logging
 import math
 import struct
 import sys
+import time
+import zlib
 
 import pytest
 import torch
@@ -130,31 +132,50 @@ def offline_wandb(monkeypatch, tmp_path):
     return load_config(None, ["--metrics.enable_wandb", "--metrics.wandb_project", "titanlite-test"]).metrics
 
 
-def read_wandb_history(path) -> list[dict]:
-    """The rows an offline W&B run logged, read back from its transaction log (run-<id>.wandb).
+def read_wandb_records(path):
+    """The records of an offline W&B run's transaction log (run-<id>.wandb), as far as it is written.
 
-    The file is a 7-byte ':W&B' header, then LevelDB log records in 32 KiB blocks (each chunk: crc32c,
-    2-byte length, type 1 full / 2 first / 3 middle / 4 last), each record a wandb_internal Record protobuf.
+    The file is a 7-byte ':W&B' header, then LevelDB log chunks in 32 KiB blocks (each: crc32 of type and
+    data, 2-byte length, type 1 full / 2 first / 3 middle / 4 last), each record a wandb_internal Record
+    protobuf. wandb-core writes it from another process, so a chunk cut short or failing its checksum is
+    where the written part ends.
     """
     from wandb.proto import wandb_internal_pb2
 
-    data, position, block, pending, rows = path.read_bytes(), 7, 32768, b"", []
+    data, position, block, pending, records = path.read_bytes(), 7, 32768, b"", []
     assert data[:4] == b":W&B"
     while position + 7 <= len(data):
         if block - position % block < 7:  # a block's tail too short for a header is padding
             position += block - position % block
             continue
-        length, kind = struct.unpack("<HB", data[position + 4:position + 7])
-        pending += data[position + 7:position + 7 + length]
+        checksum, length, kind = struct.unpack("<IHB", data[position:position + 7])
+        chunk = data[position + 7:position + 7 + length]
+        if len(chunk) < length or zlib.crc32(chunk, zlib.crc32(bytes([kind]))) != checksum:
+            break
+        pending += chunk
         position += 7 + length
         if kind in (1, 4):
             record = wandb_internal_pb2.Record()
             record.ParseFromString(pending)
+            records.append(record)
             pending = b""
-            if record.WhichOneof("record_type") == "history":
-                items = {item.key or "/".join(item.nested_key): item.value_json for item in record.history.item}
-                rows.append({key: json.loads(value) for key, value in items.items()
-                             if not key.startswith("_")})  # not wandb's own _step, _runtime, _timestamp
+    return records
+
+
+def read_wandb_history(path, timeout_s=60.0) -> list[dict]:
+    """The rows an offline W&B run logged, once its log holds the exit record that finish() writes."""
+    deadline = time.monotonic() + timeout_s
+    records = read_wandb_records(path)
+    while not any(record.HasField("exit") for record in records):
+        assert time.monotonic() < deadline, f"{path} has no exit record {timeout_s:.0f} s after finish()"
+        time.sleep(0.2)
+        records = read_wandb_records(path)
+    rows = []
+    for record in records:
+        if record.WhichOneof("record_type") == "history":
+            items = {item.key or "/".join(item.nested_key): item.value_json for item in record.history.item}
+            rows.append({key: json.loads(value) for key, value in items.items()
+                         if not key.startswith("_")})  # not wandb's own _step, _runtime, _timestamp
     return rows
 
 
