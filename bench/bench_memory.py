@@ -4,7 +4,7 @@ Each configuration runs in a fresh process: the recipe's model shape (fewer laye
 GPU holds it), parallelize() as train.py calls it, layout-independent init, then the peak is
 reset and `--steps` optimizer steps of train.py's `train_step` run on random tokens (AdamW state
 is created in step 1, as in training). The measured `torch.cuda.max_memory_allocated` is compared
-with plan.estimate_memory() for the same config and layout. Writes JSON.
+with memory_estimate.estimate_memory() for the same config and layout. Writes JSON.
 
 One GPU:   python bench/bench_memory.py --out bench/results/memory_h100.json
 Several:   torchrun --standalone --nproc_per_node 4 bench/bench_memory.py --out bench/results/memory_4gpu.json
@@ -34,9 +34,9 @@ from titanlite.attention import choose_attention_head_dim  # noqa: E402
 from titanlite.config import load_config  # noqa: E402
 from titanlite.resolve import resolve  # noqa: E402
 from titanlite.loss import cross_entropy_per_sample  # noqa: E402
+from titanlite.memory_estimate import GIB, Layout, estimate_memory  # noqa: E402
 from titanlite.model import build_model  # noqa: E402
 from titanlite.optim import build_optimizer  # noqa: E402
-from titanlite.plan import GIB, Layout, estimate_memory  # noqa: E402
 
 # (name, recipe, overrides): shapes of the recipes, layers cut so one 80 GB GPU holds the fp32
 # weights, gradients and AdamW state. Covers AC none / full / selective, compile on and off,

@@ -17,9 +17,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from titanlite.config import Data  # noqa: E402
 from titanlite.corpus import generate_documents  # noqa: E402
 from titanlite.hf_tokenizer import write_hf_tokenizer  # noqa: E402
+from titanlite.settings import Data  # noqa: E402
 from titanlite.tokenizer import build_tokenizer  # noqa: E402
 
 

@@ -1,6 +1,6 @@
 """Print the config reference (every section and key: type, default, allowed values, meaning) as Markdown.
 
-The declarations in titanlite/config.py (`setting(default, help, choices=..., ge=...)`) are the
+The declarations in titanlite/settings.py (`setting(default, help, choices=..., ge=...)`) are the
 single source; README.md holds this script's output between the CONFIG-REFERENCE markers, and a
 test keeps the two equal.
     python scripts/config_reference.py            # print
@@ -12,7 +12,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from titanlite.config import declared_fields  # noqa: E402
+from titanlite.settings import declared_fields  # noqa: E402
 
 BEGIN, END = "<!-- CONFIG-REFERENCE:BEGIN -->", "<!-- CONFIG-REFERENCE:END -->"
 

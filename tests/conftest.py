@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from titanlite.config import Config, load_config
+from titanlite.config import load_config
+from titanlite.settings import Config
 
 TINY_RUN = ["--model.dim", "64", "--model.n_layers", "2", "--model.n_heads", "4", "--model.n_kv_heads", "2",
             "--model.intermediate_size", "128", "--model.vocab_size", "2048", "--training.seq_len", "32",

@@ -15,10 +15,11 @@ import titanlite.train as train_module
 from titanlite.attention import (choose_attention_head_dim, document_mask, flex_document_attention,
                                  head_dim_candidates, pad_head_dim, probe_attention_head_dim, sdpa_causal,
                                  selected_kernel)
-from titanlite.config import ConfigError, load_config
-from titanlite.config import Model as ModelConfig
+from titanlite.config import load_config
 from titanlite.data import make_batch
 from titanlite.model import build_model
+from titanlite.settings import ConfigError
+from titanlite.settings import Model as ModelConfig
 
 
 def reference_attention(q, k, v, scale):

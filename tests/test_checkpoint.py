@@ -25,7 +25,6 @@ from torch.distributed.checkpoint import filesystem
 
 import conftest
 from titanlite.checkpoint import Checkpointer, CheckpointError, TrainState, load_model_weights
-from titanlite.config import load_config
 from titanlite.model import build_model
 from titanlite.optim import build_optimizer
 from titanlite.resolve import resolve

@@ -5,8 +5,9 @@ import sys
 
 import pytest
 
-from titanlite.config import ConfigError, load_config
+from titanlite.config import load_config
 from titanlite.resolve import render, resolve
+from titanlite.settings import ConfigError
 
 
 def write(tmp_path, text):
@@ -153,7 +154,7 @@ def test_bare_boolean_flags_mean_true():
 def test_help_lists_every_setting():
     import dataclasses
 
-    from titanlite.config import Config
+    from titanlite.settings import Config
     printed = run_cli("--help")
     assert printed.returncode == 0
     keys = [f"--{section.name}.{item.name}" for section in dataclasses.fields(Config)

@@ -15,9 +15,10 @@ from torch import nn
 
 from conftest import tiny_config
 from distributed import run_distributed
-from titanlite.config import ConfigError, Model, load_config
+from titanlite.config import load_config
 from titanlite.resolve import resolve
 from titanlite.float8 import converts, exclude_fragments
+from titanlite.settings import ConfigError, Model
 
 EMULATED = ["--float8.enable", "true", "--float8.emulate", "true"]
 

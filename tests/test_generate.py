@@ -11,10 +11,10 @@ from conftest import tiny_config
 from distributed import run_distributed
 
 from titanlite.checkpoint import save_model_checkpoint
-from titanlite.config import Model as ModelConfig
 from titanlite.generate import choose_token, generate, load_model, main, nucleus_mask
 from titanlite.kv_cache import KVCache
 from titanlite.model import build_model
+from titanlite.settings import Model as ModelConfig
 from titanlite.tokenizer import build_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -9,12 +9,12 @@ import torch
 
 from conftest import tiny_config
 from distributed import run_distributed
-from titanlite.config import Model as ModelConfig
 from titanlite.config import load_config
 from titanlite.health import HealthMonitor, Verdict
 from titanlite.optim import step_unless_nonfinite
 from titanlite.health_detectors import Detectors
 from titanlite.model import build_model
+from titanlite.settings import Model as ModelConfig
 from titanlite.train import train, train_step
 
 # The tiny run with the health detectors' inputs: 128 tokens per step, the tokenizer's vocabulary.

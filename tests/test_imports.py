@@ -1,4 +1,4 @@
-"""The module graph of titanlite/ has no cycles, and config.py stays importable without torch."""
+"""The module graph of titanlite/ has no cycles, and config.py (with settings.py) stays importable without torch."""
 
 import ast
 import subprocess

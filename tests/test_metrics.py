@@ -12,8 +12,9 @@ import pytest
 import torch
 
 import titanlite.metrics as metrics
-from titanlite.config import ConfigError, load_config
+from titanlite.config import load_config
 from titanlite.metrics import MetricLogger, format_record, peak_flops_per_device, start_run_records, start_wandb
+from titanlite.settings import ConfigError
 
 
 class FakeClock:
@@ -91,8 +92,9 @@ def test_peak_flops_override_cpu_and_unknown(monkeypatch, caplog):
 
 
 def test_a_fresh_run_moves_an_earlier_runs_records_aside_and_a_resumed_one_continues(tmp_path):
-    from titanlite.train import train
     from conftest import tiny_config
+
+    from titanlite.train import train
 
     first = train(tiny_config(tmp_path, "--training.steps", "2"))
     second = train(tiny_config(tmp_path, "--training.steps", "3"))  # no checkpoint: a fresh run
@@ -112,8 +114,8 @@ def test_a_fresh_run_moves_an_earlier_runs_records_aside_and_a_resumed_one_conti
 
 
 def test_an_unwritable_dump_folder_is_one_config_error(tmp_path):
-    from titanlite.config import ConfigError
     from titanlite.metrics import check_dump_folder
+    from titanlite.settings import ConfigError
 
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from titanlite.config import Model as ModelConfig
 from titanlite.model import apply_rope, build_model
 from titanlite.rope import rope_tables
+from titanlite.settings import Model as ModelConfig
 
 
 def tiny_config(**overrides):

@@ -7,10 +7,11 @@ import pytest
 import torch
 from distributed import run_distributed
 
-from titanlite.config import ConfigError, load_config
+from titanlite.config import load_config
 from titanlite.resolve import resolve
 from titanlite.model import build_model
 from titanlite.optim import build_optimizer, learning_rate, lr_multiplier, set_learning_rate
+from titanlite.settings import ConfigError
 
 
 def test_schedule_at_landmarks():

@@ -21,8 +21,9 @@ import torch.distributed as dist
 
 from conftest import tiny_config
 from distributed import run_distributed
-from titanlite.config import ConfigError, load_config
-from titanlite.plan import INIT_TEMPORARIES
+from titanlite.config import load_config
+from titanlite.memory_estimate import INIT_TEMPORARIES
+from titanlite.settings import ConfigError
 
 TINY = ["--training.micro_batch_size", "2", "--training.steps", "10", "--training.grad_clip", "0.5",
         "--optimizer.lr", "3e-3", "--lr_schedule.warmup_tokens", "512", "--metrics.enable_jsonl", "false"]
@@ -350,7 +351,7 @@ def check_init(results: dict) -> None:
         if not name.startswith("shard"):
             continue
         assert layout["max_difference"] == 0.0, name  # bitwise the one-process init
-        # One full parameter and what torch's trunc_normal_ allocates beside it (plan.INIT_TEMPORARIES),
+        # One full parameter and what torch's trunc_normal_ allocates beside it (memory_estimate.INIT_TEMPORARIES),
         # never the model.
         assert layout["transient"] <= INIT_TEMPORARIES * results["largest_bytes"], (name, layout)
         assert layout["transient"] < results["model_bytes"] / 3, (name, layout)

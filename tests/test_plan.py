@@ -6,9 +6,9 @@ import math
 import pytest
 
 from titanlite.config import load_config
+from titanlite.memory_estimate import Layout, count_parameters, estimate_memory
 from titanlite.model import build_model
-from titanlite.plan import (Layout, compare_layouts, count_parameters, estimate_memory, expected_peak_lr,
-                            flops_per_token, main, plan)
+from titanlite.plan import compare_layouts, expected_peak_lr, flops_per_token, main, plan
 
 RECIPES = [f"{size}_{context}" for size in ("3b", "7b", "13b") for context in ("4k", "8k")]
 

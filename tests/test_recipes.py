@@ -1,7 +1,6 @@
 """The six recipe files hold every value of the seed's Tables A and B (SPEC), and their
 comments state the values titanlite derives at 64 GPUs."""
 
-import math
 import re
 
 import pytest

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from titanlite.config import Model as ModelConfig
 from titanlite.model import apply_rope, build_model
 from titanlite.rope import attention_softmax_scale, rope_inverse_frequencies, rope_tables
+from titanlite.settings import Model as ModelConfig
 
 
 def yarn_config(**overrides):

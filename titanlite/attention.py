@@ -36,8 +36,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, create_mask, flex_attention
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from titanlite.config import ConfigError
-from titanlite.config import Model as ModelConfig
+from titanlite.settings import ConfigError
+from titanlite.settings import Model as ModelConfig
 
 logger = logging.getLogger("titanlite")
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import re
 import shutil
 from concurrent.futures import ThreadPoolExecutor
@@ -42,6 +41,7 @@ from titanlite.checkpoint_files import (PARTIAL, STEP_FOLDER, CheckpointError, C
                                         ChecksummedFileSystemWriter, check_states_match, describe, first_failure,
                                         flat_tensors, fresh_folder, load_model_weights, looks_complete, publish,
                                         read_checkpoint, save_model_checkpoint)
+from titanlite.folders import why_not_writable
 from titanlite.optim import load_optimizer_state_dict, optimizer_state_dict
 
 __all__ = ["Checkpointer", "CheckpointError", "TrainState", "load_model_weights", "save_model_checkpoint"]
@@ -172,14 +172,10 @@ class Checkpointer:
             raise CheckpointError(message)
 
     def _check_writable(self) -> None:
-        try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            probe = self.folder / f".write-test-{os.getpid()}"
-            probe.write_bytes(b"ok")
-            probe.unlink()
-        except OSError as error:
-            raise CheckpointError(f"checkpoint folder {self.folder} is not writable ({error.strerror or error}): "
-                                  f"fix its permissions or set checkpoint.folder") from None
+        reason = why_not_writable(self.folder)
+        if reason:
+            raise CheckpointError(f"checkpoint folder {self.folder} is not writable ({reason}): fix its permissions "
+                                  "or set checkpoint.folder")
 
     # --- saving
     def maybe_save(self, step: int, force: bool = False) -> None:

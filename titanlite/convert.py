@@ -32,10 +32,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from titanlite.checkpoint import CheckpointError, load_model_weights, save_model_checkpoint
-from titanlite.config import Config, ConfigError, config_from_dict, load_config
+from titanlite.config import config_from_dict, load_config
 from titanlite.resolve import concrete_config
 from titanlite.hf_config import HFConfigError, apply_hf_config, hf_config
 from titanlite.hf_tokenizer import write_hf_tokenizer
+from titanlite.settings import Config, ConfigError
 from titanlite.tokenizer import TokenizerError, build_tokenizer
 
 # titanlite name -> HF name; {i} is the block index.

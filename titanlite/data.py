@@ -34,10 +34,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from titanlite import prepare
-from titanlite.config import Config
 from titanlite.corpus import DEFAULT_CORPUS_SEED, generate_documents
 from titanlite.documents import EXTENSION_FORMATS, DataError, iter_tokenized, resolve_files
 from titanlite.loss import IGNORE_INDEX
+from titanlite.settings import Config
 from titanlite.tokenizer import Tokenizer, check_vocab_compatible
 
 logger = logging.getLogger("titanlite")

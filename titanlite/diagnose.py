@@ -22,8 +22,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from titanlite.config import Health
 from titanlite.health_detectors import Detectors, Event
+from titanlite.settings import Health
 
 ADVICE = {
     "overfit": "the model fits the training data better than held-out data: more (or more varied) data, fewer "

@@ -28,8 +28,8 @@ from torch import nn
 from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel
 
 from titanlite.ao import import_torchao
-from titanlite.config import Config, ConfigError
 from titanlite.resolve import uses_float8_all_gather
+from titanlite.settings import Config, ConfigError
 
 logger = logging.getLogger("titanlite")
 

@@ -24,10 +24,11 @@ from typing import Iterator
 import torch
 
 from titanlite.checkpoint_files import STEP_FOLDER, CheckpointError, load_model_weights, read_checkpoint
-from titanlite.config import ConfigError, config_from_dict
+from titanlite.config import config_from_dict
 from titanlite.kv_cache import KVCache
 from titanlite.model import Transformer, build_model
 from titanlite.rope import rope_tables
+from titanlite.settings import ConfigError
 from titanlite.tokenizer import TokenizerError, build_tokenizer
 
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import math
 
-from titanlite.config import Config, Model
 from titanlite.rope import yarn_attention_factor
+from titanlite.settings import Config, Model
 
 
 class HFConfigError(ValueError):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from titanlite.config import Model as ModelConfig
+from titanlite.settings import Model as ModelConfig
 
 
 @dataclass

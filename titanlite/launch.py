@@ -31,7 +31,8 @@ import sys
 import time
 from pathlib import Path
 
-from titanlite.config import ConfigError, load_config
+from titanlite.config import load_config
+from titanlite.settings import ConfigError
 
 PASS_THROUGH_FLAGS = ("-h", "--help", "--print-config")  # handled by titanlite.train itself, in one process
 

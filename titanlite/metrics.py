@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import time
 from datetime import datetime, timezone
@@ -12,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from titanlite.config import ConfigError
+from titanlite.folders import why_not_writable
+from titanlite.settings import ConfigError
 
 logger = logging.getLogger("titanlite")
 
@@ -30,14 +30,10 @@ RUN_RECORDS = ("config.json", "metrics.jsonl", "health.jsonl", "tb", "wandb", "s
 
 def check_dump_folder(folder: Path) -> None:
     """Create job.dump_folder and make sure this process can write there, or raise a one-line ConfigError."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as error:
-        raise ConfigError(f"job.dump_folder={folder} is not writable ({error.strerror or error}): fix its "
-                          "permissions or choose another folder") from None
+    reason = why_not_writable(folder)
+    if reason:
+        raise ConfigError(f"job.dump_folder={folder} is not writable ({reason}): fix its permissions or choose "
+                          "another folder")
 
 
 def start_run_records(folder: Path, run_record: dict, resumed: bool) -> None:

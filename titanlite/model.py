@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from titanlite.attention import build_attention
-from titanlite.config import Model as ModelConfig
 from titanlite.rope import attention_softmax_scale, rope_tables
+from titanlite.settings import Model as ModelConfig
 
 if TYPE_CHECKING:
     from titanlite.kv_cache import KVCache, LayerKVCache

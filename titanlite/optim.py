@@ -27,8 +27,8 @@ from torch import nn
 
 from titanlite.adamw import CompiledAdamW
 from titanlite.ao import import_torchao
-from titanlite.config import Config
 from titanlite.resolve import Run
+from titanlite.settings import Config
 
 logger = logging.getLogger("titanlite")
 

@@ -20,9 +20,9 @@ from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
                                                parallelize_module)
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from titanlite.config import Config
 from titanlite.float8 import apply_float8, tensor_parallel_styles
 from titanlite.resolve import Run
+from titanlite.settings import Config
 
 logger = logging.getLogger("titanlite")
 

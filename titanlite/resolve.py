@@ -16,7 +16,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from titanlite.config import Config, ConfigError, Parallelism, validate
+from titanlite.config import validate
+from titanlite.settings import Config, ConfigError, Parallelism
 
 
 @dataclass(frozen=True)

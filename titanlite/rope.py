@@ -30,7 +30,7 @@ import math
 
 import torch
 
-from titanlite.config import Model as ModelConfig
+from titanlite.settings import Model as ModelConfig
 
 
 def yarn_pair_index(rotations: float, head_dim: int, base: float, original_max_position: int) -> float:

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from titanlite.attention import choose_attention_head_dim
 from titanlite.checkpoint import CheckpointError, Checkpointer, TrainState
-from titanlite.config import Config, ConfigError, config_differences, load_config, settings_help
+from titanlite.config import config_differences, load_config
 from titanlite.data import DataError, build_dataloader, check_data_source, warn_if_data_bound
 from titanlite.health import HealthMonitor, HealthStop
 from titanlite.health_detectors import Event
@@ -33,6 +33,7 @@ from titanlite.parallelize import (ParallelDims, compile_loss, global_grad_norm,
                                    loss_context, parallelize)
 from titanlite.profiling import OutOfMemory, TrainingProfiler, report_oom
 from titanlite.resolve import Run, compute_dtype, render, resolve, world_size_from_env
+from titanlite.settings import Config, ConfigError, settings_help
 from titanlite.tokenizer import TokenizerError, build_tokenizer, default_tokenizer_warning
 from titanlite.validation import Validator
 

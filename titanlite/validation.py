@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from titanlite.config import Config
 from titanlite.resolve import Run
 from titanlite.corpus import DEFAULT_CORPUS_SEED, generate_documents
 from titanlite.data import DataError, GlobalOrder, InMemoryRows, RankStream, build_rows, make_batch, pack_texts
 from titanlite.loss import batch_sample_losses, valid_tokens_per_sample
+from titanlite.settings import Config
 from titanlite.tokenizer import Tokenizer
 
 logger = logging.getLogger("titanlite")
