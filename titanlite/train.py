@@ -20,6 +20,7 @@ from titanlite.attention import choose_attention_head_dim
 from titanlite.checkpoint import CheckpointError, Checkpointer, TrainState
 from titanlite.config import config_differences, load_config
 from titanlite.data import DataError, build_dataloader, check_data_source, warn_if_data_bound
+from titanlite.float8 import refresh_float8_scales
 from titanlite.health import HealthMonitor, HealthStop
 from titanlite.health_detectors import Event
 from titanlite.launch import report_to_launcher
@@ -28,7 +29,6 @@ from titanlite.metrics import (MetricLogger, check_dump_folder, init_logging, pe
                                start_wandb)
 from titanlite.model import build_model
 from titanlite.optim import build_optimizer, learning_rate, set_learning_rate, step_unless_nonfinite
-from titanlite.float8 import refresh_float8_scales
 from titanlite.parallelize import (ParallelDims, compile_loss, global_grad_norm, init_weights_layout_independent,
                                    loss_context, parallelize)
 from titanlite.profiling import OutOfMemory, TrainingProfiler, report_oom
