@@ -1,8 +1,8 @@
 """What can be set: every config field, declared once, with `setting(default, help, choices=..., ge=...)`.
 
 Each field's type (the annotation), default, allowed values or bounds and help text live here and
-nowhere else: titanlite/config.py reads TOML and the command line into these dataclasses and checks
-them against the declarations, `--help` and the README's reference table are generated from them.
+nowhere else. titanlite/config.py reads TOML and the command line into these dataclasses and checks
+the values against the declarations; `--help` and the README's reference table are generated from them.
 No torch, no I/O here.
 """
 
