@@ -112,7 +112,8 @@ def test_data_position_is_one_global_entry_and_no_rng_state_is_saved(straight_ru
     assert {key.split(".", 1)[0] for key in keys} == {"model", "optimizer", "train_state",
                                                         "dataloader", "health"}
     assert sorted(key for key in keys if key.startswith("dataloader.")) == [
-        "dataloader.dataset", "dataloader.global_row", "dataloader.rows_per_epoch", "dataloader.seed"]
+        "dataloader.dataset", "dataloader.global_row", "dataloader.order", "dataloader.rows_per_epoch",
+        "dataloader.seed"]
     state = {"dataloader": {"global_row": -1}}
     dcp.load(state, checkpoint_id=str(path), no_dist=True)
     assert state["dataloader"]["global_row"] == 3 * 256 // 32  # 3 steps of 256 tokens, rows of 32 tokens
@@ -152,7 +153,7 @@ def folder_digest(folder: Path) -> dict[str, str]:
 def test_published_checkpoint_that_does_not_load_is_refused_and_kept(straight_run, tmp_path):
     """Only .partial folders are unfinished. A step-N folder without meta.json, or copied with
     `cp dir/*` (no hidden .metadata), stops resume=auto with one line naming it (it used to be
-    taken for an unfinished save and overwritten); a fresh run (resume=never) refuses to save over it."""
+    taken for an unfinished save and overwritten); a fresh run (resume=never) refuses the folder."""
     run, _ = straight_run
     for missing in ("meta.json", ".metadata"):
         copy = tmp_path / missing.strip(".")
@@ -166,7 +167,8 @@ def test_published_checkpoint_that_does_not_load_is_refused_and_kept(straight_ru
         assert message.startswith(f"checkpoint {step_folder(copy, 6)} has no {missing}") and "\n" not in message
         assert f"move {step_folder(copy, 6)} out of" in message
         assert folder_digest(step_folder(copy, 6)) == before
-    with pytest.raises(CheckpointError, match=f"{step_folder(copy, 6)} exists but is not a complete checkpoint"):
+    with pytest.raises(CheckpointError, match=f"checkpoint.resume=never but {copy / 'checkpoint'} holds an earlier "
+                                              f"run's checkpoints \\(newest step-00000006\\)"):
         train(tiny_config(copy, "--checkpoint.resume", "never"))
     assert folder_digest(step_folder(copy, 6)) == before
     assert not step_folder(copy, 6).with_name("step-00000006.partial").exists()
@@ -333,6 +335,56 @@ def test_retention_keeps_the_newest_and_clears_crash_leftovers(tmp_path):
     assert checkpointer.latest_complete() == folder / "step-00000007"
     with pytest.raises(CheckpointError, match=f"checkpoint {folder / 'step-00000007'} has no meta.json"):
         checkpointer.load()
+
+
+def test_retention_never_deletes_the_save_it_follows_nor_another_branch(tmp_path):
+    """A folder holding a later step (saved before a rollback, or by a run resumed from an older
+    checkpoint): with keep_latest_k=1 each new save is kept, the older ones of this branch go, and
+    the later step stays."""
+    config = tiny_config(tmp_path, "--checkpoint.interval", "1", "--checkpoint.keep_latest_k", "1")
+    states = build_states(config)
+    checkpointer = checkpointer_for(config, states)
+    folder = tmp_path / "checkpoint"
+    take_steps(states, 1)
+    checkpointer.maybe_save(9)
+    for step in range(1, 4):
+        take_steps(states, 1)
+        checkpointer.maybe_save(step)
+        checkpointer.wait()
+        assert sorted(p.name for p in folder.iterdir()) == [f"step-{step:08d}", "step-00000009"]
+    checkpointer.close()
+
+
+def test_a_load_waits_for_the_async_save_in_flight(tmp_path, monkeypatch):
+    """A rollback loads while the last async save may still be writing (its DCP collectives share the
+    checkpoint process group): the load first lets that save finish and publish."""
+    import titanlite.checkpoint as checkpoint_module
+
+    config = tiny_config(tmp_path, "--checkpoint.interval", "1", "--checkpoint.async_mode", "async")
+    states = build_states(config)
+    checkpointer = checkpointer_for(config, states)
+    take_steps(states, 1)
+    checkpointer.maybe_save(1)
+    checkpointer.wait()
+    slow_publish = checkpoint_module.publish
+    monkeypatch.setattr(checkpoint_module, "publish", lambda *args: (time.sleep(1.0), slow_publish(*args)))
+    take_steps(states, 1)
+    checkpointer.maybe_save(2)
+    assert checkpointer.load(tmp_path / "checkpoint" / "step-00000001") == 1
+    assert not checkpointer.save_in_flight() and (tmp_path / "checkpoint" / "step-00000002" / "meta.json").is_file()
+    checkpointer.close()
+
+
+def test_a_fresh_run_refuses_a_folder_with_an_earlier_runs_checkpoints(straight_run, tmp_path):
+    run, _ = straight_run
+    copy = tmp_path / "earlier"
+    shutil.copytree(step_folder(run, 3), step_folder(copy, 3))
+    before = folder_digest(step_folder(copy, 3))
+    with pytest.raises(CheckpointError, match=r"^checkpoint.resume=never but .* holds an earlier run's checkpoints "
+                                              r"\(newest step-00000003\).*resume it \(checkpoint.resume=auto\)"):
+        train(tiny_config(copy, "--checkpoint.resume", "never"))
+    assert folder_digest(step_folder(copy, 3)) == before and len(list((copy / "checkpoint").iterdir())) == 1
+    train(tiny_config(copy, "--checkpoint.resume", "never", "--checkpoint.enable", "false"))  # saves nothing: fine
 
 
 def test_model_only_initial_load(tmp_path):

@@ -50,6 +50,7 @@ def test_named_config_resolves_in_train_configs():
     (["--training.grad_clip", "nan"], "training.grad_clip=nan: must be a finite number"),
     (["--training.grad_clip", "inf"], "training.grad_clip=inf: must be a finite number"),
     (["--data.default_num_documents", "-5"], "data.default_num_documents=-5: must be > 0"),
+    (["--training.seed", "-1"], "training.seed=-1: must be >= 0"),  # numpy's data order takes no negative seed
     (["positional"], "unexpected argument 'positional'"),
 ])
 def test_bad_overrides_name_the_key(overrides, fragment):

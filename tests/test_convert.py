@@ -2,6 +2,7 @@
 
 import base64
 import json
+import re
 import math
 
 import pytest
@@ -286,11 +287,25 @@ def test_bad_hf_input_is_refused_in_one_line(checkpoint, tmp_path, capsys):
     with pytest.raises(ConvertError, match=r"gate_proj.weight has shape \[96, 64\], config.json implies \[128, 64\]"):
         import_from_hf(tmp_path / "hf", tmp_path / "out", load_config(None))
     config_path.write_text(json.dumps(good))
+    # config.json itself is fine, but not with this command's TP degree: refused before anything is written
+    with pytest.raises(ConvertError, match=rf"^{re.escape(str(config_path))}: model.n_kv_heads=2: "
+                                           r"tensor_parallel_degree=4 must divide it"):
+        import_from_hf(tmp_path / "hf", tmp_path / "out", load_config(None, ["--parallelism.tensor_parallel_degree", "4"]))
+    assert not (tmp_path / "out").exists()
     weights = tmp_path / "hf" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-10])
     with pytest.raises(ConvertError, match="model.safetensors: not a readable safetensors file"):
         import_from_hf(tmp_path / "hf", tmp_path / "out", load_config(None))
     assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_to_hf_refuses_arguments_it_does_not_take(checkpoint, tmp_path, capsys):
+    path, _ = checkpoint
+    with pytest.raises(SystemExit) as exit_info:
+        main(["to-hf", str(path), str(tmp_path / "hf"), "--tokenizer.path", "other.json"])
+    assert exit_info.value.code == 2
+    assert "to-hf: unrecognized arguments: --tokenizer.path other.json" in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists()
 
 
 def test_export_names_a_missing_tokenizer(tmp_path):

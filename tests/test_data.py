@@ -297,6 +297,34 @@ def test_too_little_data_and_foreign_state(prepared, tmp_path, tokenizer):
         loader.load_state_dict({**loader.state_dict(), "seed": 5})
 
 
+def test_a_data_position_resumes_only_under_the_same_row_order(prepared, tokenizer):
+    """The same rows (raw jsonl packed in memory = the prepared shards, row for row) in another
+    shard layout, or unshuffled, come in another order: the position would repeat and skip rows."""
+    folder, raw, _ = prepared
+    from_raw = build_dataloader(loader_config(raw), tokenizer, 0, 1)
+    take(from_raw, 3)
+    state = from_raw.state_dict()
+    prepared_loader = build_dataloader(loader_config(folder), tokenizer, 0, 1)
+    assert prepared_loader.rows_per_epoch == from_raw.rows_per_epoch and prepared_loader.seed == from_raw.seed
+    with pytest.raises(DataError, match=r"position is for rows shuffled, 1 shard .*this run's are shuffled, \d+ "
+                                        r"shards.*same data.shuffle and the same prepared shards"):
+        prepared_loader.load_state_dict(state)
+    unshuffled = build_dataloader(loader_config(raw, "--data.shuffle", "false"), tokenizer, 0, 1)
+    with pytest.raises(DataError, match="position is for rows shuffled, 1 shard .*this run's are in order, 1 shard "):
+        unshuffled.load_state_dict(state)
+    again = build_dataloader(loader_config(raw), tokenizer, 0, 1)
+    again.load_state_dict(state)  # same data, same order: resumes
+    assert again.global_row == 3 * MICRO_BATCH
+
+
+def test_manifest_with_another_eos_is_refused(prepared, tmp_path, tokenizer):
+    folder = copy_prepared(prepared, tmp_path)
+    edit_manifest(folder, eos_id=tokenizer.eos_id - 1)
+    with pytest.raises(DataError, match=rf"manifest.json marks document ends with EOS id {tokenizer.eos_id - 1} but "
+                                        rf"tokenizer.path=default has EOS id {tokenizer.eos_id}"):
+        build_dataloader(loader_config(folder), tokenizer, 0, 1)
+
+
 def test_data_wait_warning(caplog):
     config = load_config(None, ["--training.steps", "1", "--data.num_workers", "1"])
     with caplog.at_level(logging.WARNING, logger="titanlite"):

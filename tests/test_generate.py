@@ -5,13 +5,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_config
 from distributed import run_distributed
 
 from titanlite.checkpoint import save_model_checkpoint
-from titanlite.generate import choose_token, generate, load_model, main, nucleus_mask
+from titanlite.attention import document_mask
+from titanlite.data import make_batch
+from titanlite.generate import choose_token, document_prompt, generate, load_model, main, nucleus_mask
 from titanlite.kv_cache import KVCache
 from titanlite.model import build_model
 from titanlite.settings import Model as ModelConfig
@@ -62,6 +65,23 @@ def test_cached_logits_match_the_uncached_forward_at_every_step(variant):
     assert len(steps) == 30
     for step, ((_, logits), reference) in enumerate(zip(steps, reference_logits)):
         torch.testing.assert_close(logits, reference, rtol=0, atol=1e-5, msg=f"step {step}")
+
+
+def test_a_document_masked_model_continues_a_prompt_as_training_saw_the_document():
+    """The reference is the training forward: a packed row (another document, EOS, the prompt) under
+    the document mask with per-document positions, read at the prompt's last token."""
+    eos = 1
+    model = random_model(attention="flex", positions="document")
+    row = np.array([[7, 9, 11, 13, eos, *PROMPT, 2]], dtype=np.int32)
+    batch = make_batch(row, eos, loss_across_documents=False, document_positions=True, document_ids=True)
+    with torch.no_grad():
+        trained = model(batch["input_ids"], positions=batch["positions"],
+                        mask=document_mask(batch["document_ids"]))[0, -1]
+    prompt = document_prompt(PROMPT, eos, {"attention": "flex", "positions": "document"})
+    assert prompt == PROMPT  # no EOS before it: under the mask no document ever saw one
+    (_, logits), = generate(model, prompt, 1)
+    torch.testing.assert_close(logits, trained.float(), rtol=1e-5, atol=1e-5)
+    assert document_prompt(PROMPT, eos, {"attention": "sdpa", "positions": "sequence"}) == [eos, *PROMPT]
 
 
 def test_cache_takes_several_new_tokens_after_the_first_chunk():

@@ -62,6 +62,20 @@ def test_export_then_import_is_the_same_model():
         assert back.model == config.model
 
 
+def test_yarn_export_states_the_context_its_factor_is_read_back_from():
+    """transformers 4.4x-4.5x read YaRN's factor as max_position_embeddings / original_max_position_embeddings
+    when the scaling states the latter: that ratio must be the factor, whatever seq_len was trained."""
+    yarn = ["--model.rope_scaling", "yarn", "--model.rope_original_max_position", "4096"]
+    config = load_config(None, ["--training.seq_len", "16384", "--model.rope_scaling_factor", "2", *yarn])
+    hf = hf_config(config, 1, 2, "float32")
+    assert hf["max_position_embeddings"] / hf["rope_scaling"]["original_max_position_embeddings"] == 2.0
+    config = load_config(None, ["--model.rope_scaling_factor", "2.5", "--model.rope_original_max_position", "4097",
+                                "--model.rope_scaling", "yarn"])
+    with pytest.raises(HFConfigError, match=r"rope_scaling_factor=2.5 x rope_original_max_position=4097 is not a "
+                                            r"whole context"):
+        hf_config(config, 1, 2, "float32")
+
+
 @pytest.mark.parametrize("changes,message", [
     ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope type 'linear': titanlite computes default, yarn"),
     ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}, "rope type 'dynamic'"),

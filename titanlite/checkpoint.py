@@ -234,7 +234,7 @@ class Checkpointer:
     def _publish(self, partial: Path, final: Path, meta: dict) -> None:
         publish(partial, final, meta)
         logger.info("checkpoint: saved step %d to %s", meta["step"], final)
-        self._apply_retention()
+        self._apply_retention(meta["step"])
 
     def _fail(self, step: int, partial: Path, error: BaseException) -> None:
         cause = first_failure(error)
@@ -298,15 +298,16 @@ class Checkpointer:
                 logger.warning("checkpoint: ignoring incomplete %s (a save that did not finish)", path)
         return sorted(found)
 
-    def _apply_retention(self) -> None:
-        # Only folders with a published checkpoint's files are deleted: one that lost them is
-        # evidence for its owner, never garbage.
-        complete = [(step, path) for step, path in self.complete_checkpoints() if looks_complete(path)]
-        newest = complete[-1][0] if complete else -1
+    def _apply_retention(self, published_step: int) -> None:
+        # Keeps the keep_latest_k newest checkpoints up to the one just published. Later steps
+        # (saved before a rollback, or by a run resumed from an older checkpoint) are another
+        # branch's: never deleted here. Nor is a folder that lost its files: evidence for its owner.
+        complete = [(step, path) for step, path in self.complete_checkpoints()
+                    if step <= published_step and looks_complete(path)]
         doomed = [path for _, path in complete[:-self.settings.keep_latest_k]] if self.settings.keep_latest_k else []
-        for path in self.folder.iterdir():  # leftovers of crashed saves older than the newest
+        for path in self.folder.iterdir():  # leftovers of crashed saves older than this one
             match = re.match(r"^step-(\d+)\.(partial|replaced)$", path.name)
-            if match and int(match[1]) < newest:
+            if match and int(match[1]) < published_step:
                 doomed.append(path)
         for path in doomed:
             try:
@@ -329,13 +330,17 @@ class Checkpointer:
         initial_load_model_only=false). A model-only checkpoint sets the weights and returns
         None: training starts at step 1.
         """
+        self.wait()  # a save in flight uses the same process group, and may be the checkpoint wanted
         model_only = False
         if path is None:
             resume = self.settings.resume
             path = None if resume == "never" else self.latest_complete() if resume == "auto" else Path(resume)
-            if resume == "never" and self.complete_checkpoints():
-                logger.warning("checkpoint.resume=never: starting fresh; saves replace %s's checkpoints of the "
-                               "same steps", self.folder)
+            earlier = self.complete_checkpoints()
+            if resume == "never" and earlier and self.settings.enable:
+                raise CheckpointError(f"checkpoint.resume=never but {self.folder} holds an earlier run's checkpoints "
+                                      f"(newest {earlier[-1][1].name}); a fresh run would mix its saves with them: "
+                                      "resume it (checkpoint.resume=auto), or set another job.dump_folder or "
+                                      "checkpoint.folder")
             if path is None and self.settings.initial_load_path:
                 path, model_only = Path(self.settings.initial_load_path), self.settings.initial_load_model_only
             if path is None:

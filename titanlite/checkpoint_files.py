@@ -232,6 +232,7 @@ def publish(partial: Path, final: Path, meta: dict) -> None:
     _fsync(partial / "meta.json")
     for sidecar in sidecars:
         sidecar.unlink()
+    _fsync(partial)  # the data files' entries and DCP's .metadata rename, before the folder is published
     replaced = final.with_name(final.name + ".replaced")
     if final.exists():  # re-saving a step after a rollback: move the old one aside, never merge
         shutil.rmtree(replaced, ignore_errors=True)

@@ -32,10 +32,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from titanlite.checkpoint import CheckpointError, load_model_weights, save_model_checkpoint
-from titanlite.config import config_from_dict, load_config
-from titanlite.resolve import concrete_config
+from titanlite.config import config_from_dict, load_config, validate
 from titanlite.hf_config import HFConfigError, apply_hf_config, hf_config
 from titanlite.hf_tokenizer import write_hf_tokenizer
+from titanlite.resolve import concrete_config
 from titanlite.settings import Config, ConfigError
 from titanlite.tokenizer import TokenizerError, build_tokenizer
 
@@ -148,15 +148,19 @@ def export_to_hf(checkpoint: Path, out_dir: Path, dtype: torch.dtype | None = No
     state = to_hf_state(weights, config.model)
     if dtype is not None:
         state = {name: tensor.to(dtype) for name, tensor in state.items()}
+    dtype_name = str(next(iter(state.values())).dtype).removeprefix("torch.")
+    try:  # before any file is written: a config HF cannot state leaves no half-written folder
+        hf = hf_config(config, tokenizer.bos_id, tokenizer.eos_id, dtype_name)
+    except HFConfigError as error:
+        raise ConvertError(f"{checkpoint}: {error}") from None
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_torch_state_dict(state, out_dir, max_shard_size=max_shard_bytes, metadata={"format": "pt"})
-    dtype_name = str(next(iter(state.values())).dtype).removeprefix("torch.")
-    hf = hf_config(config, tokenizer.bos_id, tokenizer.eos_id, dtype_name)
     (out_dir / "config.json").write_text(json.dumps(hf, indent=2))
     generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
     (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2))
-    write_hf_tokenizer(tokenizer.byte_pair_encoding(), out_dir, model_max_length=hf["max_position_embeddings"])
+    write_hf_tokenizer(tokenizer.byte_pair_encoding(), out_dir,
+                       model_max_length=max(config.training.seq_len, hf["max_position_embeddings"]))
     return out_dir
 
 
@@ -190,7 +194,8 @@ def import_from_hf(hf_dir: Path, out_folder: Path, config: Config) -> Path:
     hf, tensors = read_hf_folder(hf_dir)
     try:
         apply_hf_config(hf, config)
-    except HFConfigError as error:
+        validate(config)  # the model as config.json states it, with this command's other settings
+    except (HFConfigError, ConfigError) as error:
         raise ConvertError(f"{hf_dir / 'config.json'}: {error}") from None
     if config.tokenizer.path == "default":
         if (hf_dir / "tokenizer.json").is_file():
@@ -238,6 +243,8 @@ def main(argv: list[str] | None = None) -> None:
     for command in (from_hf, seed):
         command.add_argument("--config", default=None, help="TOML file or name in train_configs/")
     args, overrides = parser.parse_known_args(argv)
+    if args.command == "to-hf" and overrides:  # config overrides are for from-hf and seed only
+        parser.error(f"to-hf: unrecognized arguments: {' '.join(overrides)}")
     try:
         if args.command == "to-hf":
             out = export_to_hf(args.checkpoint, args.out_dir, getattr(torch, args.dtype) if args.dtype else None,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import zlib
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -95,6 +96,12 @@ def _find_source(config: Config, tokenizer: Tokenizer | None) -> tuple[str, obje
         if tokenizer is not None:
             check_vocab_compatible(tokenizer, manifest["settings"]["tokenizer_fingerprint"],
                                    f"dataset manifest {manifest_path}")
+            # The fingerprint covers the token table, not which token ends a document (a tokenizer.json
+            # takes its EOS from tokenizer_config.json): labels and document masks follow the EOS.
+            if manifest.get("eos_id", tokenizer.eos_id) != tokenizer.eos_id:
+                raise DataError(f"{manifest_path} marks document ends with EOS id {manifest['eos_id']} but tokenizer.path="
+                                f"{config.tokenizer.path} has EOS id {tokenizer.eos_id}: use the tokenizer (and its "
+                                "tokenizer_config.json) the data was prepared with, or re-run titanlite.prepare")
         if manifest["seq_len"] != seq_len:
             raise DataError(f"{manifest_path} was prepared with seq_len {manifest['seq_len']} but training.seq_len="
                             f"{seq_len}: set training.seq_len={manifest['seq_len']} or re-run titanlite.prepare "
@@ -172,6 +179,10 @@ class GlobalOrder:
     def __init__(self, shard_rows: list[int], seed: int, shuffle: bool):
         self.shard_rows, self.seed, self.shuffle = np.asarray(shard_rows, np.int64), seed, shuffle
         self.rows_per_epoch = int(self.shard_rows.sum())
+        # What besides the seed decides which row comes when: a data position is valid only under it.
+        shards = len(self.shard_rows)
+        layout = f"{shards} shard{'s' * (shards != 1)} (sizes' crc32 {zlib.crc32(self.shard_rows.tobytes()):08x})"
+        self.description = f"{'shuffled' if shuffle else 'in order'}, {layout}"
         self._layouts: dict = {}
         self._permutations: dict = {}
 
@@ -276,9 +287,10 @@ class StatefulLoader:
     """
 
     def __init__(self, make_stream: Callable[[int], RankStream], loader_options: dict, rows_per_step: int,
-                 rows_per_epoch: int, seed: int, dataset_name: str):
-        self.make_stream, self.loader_options = make_stream, loader_options
-        self.rows_per_step, self.rows_per_epoch, self.seed, self.dataset_name = rows_per_step, rows_per_epoch, seed, dataset_name
+                 order: GlobalOrder, dataset_name: str):
+        self.make_stream, self.loader_options, self.rows_per_step = make_stream, loader_options, rows_per_step
+        self.rows_per_epoch, self.seed, self.order = order.rows_per_epoch, order.seed, order.description
+        self.dataset_name = dataset_name
         self.global_row = 0  # rows consumed by all ranks together, over all epochs
         self._generation = 0
 
@@ -297,7 +309,7 @@ class StatefulLoader:
 
     def state_dict(self) -> dict:
         return {"global_row": self.global_row, "seed": self.seed, "rows_per_epoch": self.rows_per_epoch,
-                "dataset": self.dataset_name}
+                "order": self.order, "dataset": self.dataset_name}
 
     def load_state_dict(self, state: dict) -> None:
         if int(state["seed"]) != self.seed or int(state["rows_per_epoch"]) != self.rows_per_epoch:
@@ -305,6 +317,11 @@ class StatefulLoader:
                 f"the checkpoint's data position is for seed {int(state['seed'])} over {int(state['rows_per_epoch'])} rows "
                 f"({state.get('dataset')}), this run has seed {self.seed} over {self.rows_per_epoch} rows "
                 f"({self.dataset_name}): use the same training.seed and data, or start without resuming")
+        if state["order"] != self.order:
+            raise DataError(
+                f"the checkpoint's data position is for rows {state['order']} ({state.get('dataset')}), this run's are "
+                f"{self.order} ({self.dataset_name}): the same rows in another order would repeat some and skip others; "
+                "resume with the same data.shuffle and the same prepared shards, or start without resuming")
         self.global_row = int(state["global_row"])
         self._generation += 1
 
@@ -331,8 +348,7 @@ def build_dataloader(config: Config, tokenizer: Tokenizer, dp_rank: int, dp_degr
     options = {"num_workers": data.num_workers, "pin_memory": data.pin_memory and torch.cuda.is_available()}
     if data.num_workers > 0:
         options["prefetch_factor"] = data.prefetch_factor
-    return StatefulLoader(make_stream, options, micro_batch * dp_degree, order.rows_per_epoch,
-                          config.training.seed, rows.name)
+    return StatefulLoader(make_stream, options, micro_batch * dp_degree, order, rows.name)
 
 
 def warn_if_data_bound(step: int, data_wait_fraction: float, config: Config, first_window: bool = False) -> bool:

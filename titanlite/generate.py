@@ -6,9 +6,10 @@
 
 CHECKPOINT is one `step-N` folder saved under any layout (one process, FSDP, TP, HSDP): DCP's
 reader assembles the full tensors in this one process, and the checkpoint's meta.json gives the
-model config and the tokenizer. The prompt starts a new document, as in training, where every
-document follows an EOS separator: the model reads EOS + the prompt's tokens. Generation stops at
-EOS or after --max-new-tokens. stdout gets the completion only (with --json: one JSON object with
+model config and the tokenizer. The prompt starts a new document as training showed documents
+(`document_prompt`): after an EOS for a model that attended across documents, alone (position 0,
+nothing before it) for one trained with the document mask. Generation stops at EOS or after
+--max-new-tokens. stdout gets the completion only (with --json: one JSON object with
 the token ids); a summary line goes to stderr. Bad input: one line on stderr, exit status 2.
 """
 
@@ -166,6 +167,19 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise GenerateError("--device cuda but no CUDA device is visible: use --device cpu")
 
 
+def document_prompt(prompt_ids: list[int], eos_id: int, model_settings: dict) -> list[int]:
+    """The prompt as the start of a new document, as training showed documents to the model.
+
+    A document starts after an EOS. A model that attended across documents (sdpa, positions
+    counted along the row) always saw that EOS before a document's first token; one trained with
+    the document mask (flex) or per-document positions never did: its documents start at
+    position 0 with nothing before them.
+    """
+    attends_across = (model_settings.get("attention", "sdpa") == "sdpa"
+                      and model_settings.get("positions", "sequence") == "sequence")
+    return [eos_id, *prompt_ids] if attends_across else list(prompt_ids)
+
+
 def run(args: argparse.Namespace) -> dict:
     """Generate as the command line says; returns what --json prints."""
     check_arguments(args)
@@ -177,7 +191,7 @@ def run(args: argparse.Namespace) -> dict:
     prompt_ids = tokenizer.encode(args.prompt)
     if not prompt_ids:
         raise GenerateError(f"--prompt {args.prompt!r} encodes to no tokens: give some text")
-    prompt = [tokenizer.eos_id, *prompt_ids]  # a new document, as training saw them: after an EOS
+    prompt = document_prompt(prompt_ids, tokenizer.eos_id, config.get("model", {}))
     total, trained_len = len(prompt) + args.max_new_tokens, config.get("training", {}).get("seq_len", 0)
     if trained_len and total > trained_len:
         print(f"titanlite.generate: warning: up to {total} tokens, past the {trained_len} the model was trained "

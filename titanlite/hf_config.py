@@ -8,7 +8,9 @@ what the model computes (metadata, generation and cache settings), or refused: a
 might change the math, and a silently different model is worse than an error.
 
 Writing emits both RoPE layouts with the same content, so transformers 4 and 5 (and tools that
-read `rope_scaling`, such as vLLM) all run the same frequencies.
+read `rope_scaling`, such as vLLM) all run the same frequencies; for YaRN, max_position_embeddings
+is exactly factor x original_max_position_embeddings, the ratio some transformers versions read
+the factor from.
 """
 
 from __future__ import annotations
@@ -56,8 +58,17 @@ def hf_config(config: Config, bos_id: int | None, eos_id: int | None, dtype_name
     """config.json of a LlamaForCausalLM that computes what titanlite's model computes."""
     model = config.model
     context = config.training.seq_len
-    if model.rope_scaling != "none":  # the context the scaling is for, as HF configs state it
-        context = max(context, round(model.rope_scaling_factor * model.rope_original_max_position))
+    scaled_context = model.rope_scaling_factor * model.rope_original_max_position
+    if model.rope_scaling == "yarn":
+        # transformers 4.4x-4.5x take YaRN's factor as max_position_embeddings / original whenever the
+        # scaling names original_max_position_embeddings: the context must be exactly factor x original.
+        if scaled_context != round(scaled_context):
+            raise HFConfigError(f"model.rope_scaling_factor={model.rope_scaling_factor} x rope_original_max_position="
+                                f"{model.rope_original_max_position} is not a whole context, which transformers reads "
+                                "back as another YaRN factor: export a factor for which it is")
+        context = round(scaled_context)
+    elif model.rope_scaling == "llama3":  # the context the scaling is for, as HF configs state it
+        context = max(context, round(scaled_context))
     hf = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": model.dim,
           "intermediate_size": model.intermediate_size, "num_hidden_layers": model.n_layers,
           "num_attention_heads": model.n_heads, "num_key_value_heads": model.n_kv_heads,

@@ -117,7 +117,7 @@ class LRSchedule:
 
 @dataclass
 class Training:
-    seed: int = setting(0, "seed for init and data order")
+    seed: int = setting(0, "seed for init and data order", ge=0)
     seq_len: int = setting(256, "tokens per sequence", gt=0)
     global_batch_tokens: int = setting(8192, "tokens per optimizer step, over all data-parallel ranks", gt=0)
     micro_batch_size: int = setting(4, "sequences per forward pass on one rank", gt=0)
@@ -169,8 +169,8 @@ class Checkpoint:
     enable: bool = setting(False, "save checkpoints")
     folder: str = setting("checkpoint", "relative to job.dump_folder")
     interval: int = setting(500, "steps between saves (the last step is always saved)", gt=0)
-    keep_latest_k: int = setting(0, "retention; 0 keeps all (the newest complete one is never deleted)", ge=0)
-    resume: str = setting("auto", "auto (newest complete in folder) | never | path to a checkpoint")
+    keep_latest_k: int = setting(0, "retention; 0 keeps all (the one just saved is never deleted)", ge=0)
+    resume: str = setting("auto", "auto (newest complete in folder) | never (fresh; refuses a folder holding checkpoints) | path to a checkpoint")
     async_mode: str = setting("disabled", "async: staged in pinned host memory, written while training",
                               choices=("disabled", "async"))
     write_threads: int = setting(8, "files each rank writes (and reads on load) in parallel", gt=0)
