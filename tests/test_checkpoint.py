@@ -375,6 +375,23 @@ def test_a_load_waits_for_the_async_save_in_flight(tmp_path, monkeypatch):
     checkpointer.close()
 
 
+def test_a_kill_between_the_renames_of_a_re_save_keeps_the_earlier_copy(tmp_path):
+    """publish() moves a re-saved step's earlier copy to step-N.replaced, then renames step-N.partial
+    to step-N: killed in between, the next start puts the earlier copy back and resumes from it."""
+    config = tiny_config(tmp_path, "--checkpoint.interval", "1")
+    states = build_states(config)
+    checkpointer = checkpointer_for(config, states)
+    take_steps(states, 3)
+    checkpointer.maybe_save(3)
+    checkpointer.close()
+    folder = tmp_path / "checkpoint"
+    (folder / "step-00000003").rename(folder / "step-00000003.replaced")
+    (folder / "step-00000003.partial").mkdir()  # the re-save, written but not yet renamed
+    restarted = checkpointer_for(config, build_states(config))
+    assert restarted.load() == 3
+    assert sorted(p.name for p in folder.iterdir()) == ["step-00000003", "step-00000003.partial"]
+
+
 def test_a_fresh_run_refuses_a_folder_with_an_earlier_runs_checkpoints(straight_run, tmp_path):
     run, _ = straight_run
     copy = tmp_path / "earlier"

@@ -279,7 +279,7 @@ def test_bad_raw_documents_on_the_fly(tmp_path, tokenizer, caplog):
     texts[3] = ""
     raw = tmp_path / "raw.jsonl"
     raw.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    with pytest.raises(DataError, match=r"raw.jsonl row 3: empty document.*data.skip_bad_documents=true"):
+    with pytest.raises(DataError, match=r"raw.jsonl document 4: empty document.*data.skip_bad_documents=true"):
         build_dataloader(loader_config(raw, "--job.dump_folder", str(tmp_path / "run")), tokenizer, 0, 1)
     with caplog.at_level(logging.WARNING, logger="titanlite"):
         build_dataloader(loader_config(raw, "--data.skip_bad_documents", "true", "--job.dump_folder",

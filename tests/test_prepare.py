@@ -184,7 +184,7 @@ def test_empty_document_names_file_and_row_or_is_counted(tmp_path, tokenizer, ba
     texts = generate_documents(20, seed=4)
     texts[5] = bad
     source = write_jsonl(tmp_path / "docs.jsonl", texts)
-    with pytest.raises(DataError, match=r"docs.jsonl row 5: empty document.*--skip-bad-documents"):
+    with pytest.raises(DataError, match=r"docs.jsonl document 6: empty document.*--skip-bad-documents"):
         prep.prepare(settings_for(str(source), tokenizer), tmp_path / "out", progress=False)
     manifest = prep.prepare(settings_for(str(source), tokenizer, skip=True), tmp_path / "skip", progress=False)
     assert manifest["skipped_documents"] == {"empty document": 1} and manifest["num_documents"] == 19
@@ -223,7 +223,7 @@ def test_bad_sources(tmp_path, tokenizer):
     with pytest.raises(DataError, match="fewer than seq_len"):
         prep.prepare(settings_for(str(source), tokenizer), tmp_path / "out", progress=False)
     (tmp_path / "other.jsonl").write_text(json.dumps({"content": "x"}) + "\n")
-    with pytest.raises(DataError, match=r"row 0: no field 'text'.*--text-field"):
+    with pytest.raises(DataError, match=r"other.jsonl document 1: no field 'text'.*--text-field"):
         prep.prepare(settings_for(str(tmp_path / "other.jsonl"), tokenizer), tmp_path / "out2", progress=False)
 
 

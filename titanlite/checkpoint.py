@@ -37,10 +37,10 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
-from titanlite.checkpoint_files import (PARTIAL, STEP_FOLDER, CheckpointError, ChecksummedFileSystemReader,
+from titanlite.checkpoint_files import (PARTIAL, REPLACED, STEP_FOLDER, CheckpointError, ChecksummedFileSystemReader,
                                         ChecksummedFileSystemWriter, check_states_match, describe, first_failure,
                                         flat_tensors, fresh_folder, load_model_weights, looks_complete, publish,
-                                        read_checkpoint, save_model_checkpoint)
+                                        read_checkpoint, restore_replaced, save_model_checkpoint)
 from titanlite.folders import why_not_writable
 from titanlite.optim import load_optimizer_state_dict, optimizer_state_dict
 
@@ -135,6 +135,12 @@ class Checkpointer:
         self._warned: set[str] = set()
         if self.settings.enable:
             self._on_rank0(self._check_writable)
+        self._on_rank0(self._restore_replaced)
+
+    def _restore_replaced(self) -> None:
+        for path in restore_replaced(self.folder):
+            logger.warning("checkpoint: restored %s from %s%s (a re-save of that step was killed while it was "
+                           "being published)", path, path.name, REPLACED)
 
     def _async_stager(self) -> DefaultStager:
         """DCP's stager, kept across saves so that its pinned host buffers are allocated once.

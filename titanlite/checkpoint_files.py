@@ -35,6 +35,7 @@ logger = logging.getLogger("titanlite")
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 STEP_FOLDER = re.compile(r"^step-(\d+)$")
 PARTIAL = ".partial"
+REPLACED = ".replaced"  # a published step moved aside while a re-save of the same step is published
 DATA_SUFFIX = ".distcp"
 CHECKSUMS_SUFFIX = "crc32.json"  # per-rank sidecar "__<rank>_crc32.json", merged into meta.json at publish
 MODEL_SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "intermediate_size", "vocab_size")
@@ -233,13 +234,26 @@ def publish(partial: Path, final: Path, meta: dict) -> None:
     for sidecar in sidecars:
         sidecar.unlink()
     _fsync(partial)  # the data files' entries and DCP's .metadata rename, before the folder is published
-    replaced = final.with_name(final.name + ".replaced")
+    replaced = final.with_name(final.name + REPLACED)
     if final.exists():  # re-saving a step after a rollback: move the old one aside, never merge
         shutil.rmtree(replaced, ignore_errors=True)
         os.replace(final, replaced)
     os.replace(partial, final)
     _fsync(final.parent)  # the rename itself must survive a power loss
     shutil.rmtree(replaced, ignore_errors=True)
+
+
+def restore_replaced(folder: Path) -> list[Path]:
+    """Put back a step that publish() had moved aside when a kill came before the re-save took its
+    name: `step-N.replaced` without `step-N` is that step's complete earlier copy. Returns the
+    restored folders."""
+    restored = []
+    for path in sorted(folder.glob(f"step-*{REPLACED}")) if folder.is_dir() else []:
+        final = path.with_name(path.name.removesuffix(REPLACED))
+        if STEP_FOLDER.match(final.name) and not final.exists() and looks_complete(path):
+            os.replace(path, final)
+            restored.append(final)
+    return restored
 
 
 def read_checkpoint(path: Path):

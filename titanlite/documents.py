@@ -129,7 +129,7 @@ def iter_texts(settings: Settings, cache_dir: Path) -> Iterator[tuple[str, int, 
 
 def _text_of(record: dict, field: str, where: str, row: int) -> object:
     if field not in record:
-        raise DataError(f"{where} row {row}: no field {field!r} (fields: {sorted(record)}): "
+        raise DataError(f"{where} document {row + 1}: no field {field!r} (fields: {sorted(record)}): "
                         "pass --text-field (data.text_field)")
     return record[field]
 

@@ -117,7 +117,7 @@ def pack(documents: Iterable[tuple], counters: Counters, row_length: int, rows_p
     for where, row, index, tokens in documents:
         if isinstance(tokens, str):
             if not skip_bad_documents:
-                raise DataError(f"{where} row {row}: {tokens}: remove or fix it, or count and skip such documents "
+                raise DataError(f"{where} document {row + 1}: {tokens}: remove or fix it, or count and skip such documents "
                                 "(titanlite.prepare --skip-bad-documents; data.skip_bad_documents=true for a raw "
                                 "data.source)")
             reason = tokens.split(" (")[0]
