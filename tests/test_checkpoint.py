@@ -375,6 +375,21 @@ def test_a_load_waits_for_the_async_save_in_flight(tmp_path, monkeypatch):
     checkpointer.close()
 
 
+def test_a_rollback_sets_aside_the_checkpoints_saved_after_the_trouble(tmp_path):
+    config = tiny_config(tmp_path, "--checkpoint.interval", "1")
+    states = build_states(config)
+    checkpointer = checkpointer_for(config, states)
+    for step in range(1, 4):
+        take_steps(states, 1)
+        checkpointer.maybe_save(step)
+    checkpointer.set_aside_after(1, "rollback-1")
+    folder = tmp_path / "checkpoint"
+    assert sorted(p.name for p in folder.iterdir()) == ["step-00000001", "step-00000002.rollback-1",
+                                                        "step-00000003.rollback-1"]
+    assert checkpointer.latest_complete() == folder / "step-00000001"  # what a restart resumes from
+    checkpointer.close()
+
+
 def test_a_kill_between_the_renames_of_a_re_save_keeps_the_earlier_copy(tmp_path):
     """publish() moves a re-saved step's earlier copy to step-N.replaced, then renames step-N.partial
     to step-N: killed in between, the next start puts the earlier copy back and resumes from it."""

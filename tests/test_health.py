@@ -286,7 +286,7 @@ def test_stop_wins_over_rollback_and_rollback_without_checkpoint_stops(tmp_path,
     monitor = HealthMonitor(config, 0, tmp_path, rank=0, device=torch.device("cpu"))
     divergence = Event(9, "divergence", "loss is nan at step 9", 9, math.nan)
     spike = Event(9, "spike", "loss 5 vs trend 2.5", 9, 5.0)
-    assert monitor.decide([divergence, spike]) == Verdict("stop", spike)
+    assert monitor.decide([divergence, spike]) == Verdict("stop", spike, trouble_start=9, diverged=True)
     assert [json.loads(line)["action"] for line in (tmp_path / "health.jsonl").read_text().splitlines()] == \
         ["rollback", "stop"]
     model = torch.nn.Linear(2, 2)
@@ -294,17 +294,33 @@ def test_stop_wins_over_rollback_and_rollback_without_checkpoint_stops(tmp_path,
     checkpointer = Checkpointer(config, ParallelDims.from_run(run), tmp_path,
                                 {"model": model, "train_state": TrainState()})  # checkpoint.enable is off
     with pytest.raises(HealthStop, match="no checkpoint predates step 9 to roll back to"):
-        roll_back(divergence, monitor, checkpointer, None, run)
+        roll_back(Verdict("rollback", divergence, 9, True), monitor, checkpointer, None, run)
     with pytest.raises(HealthStop, match=r"spike at step 9: loss 5 vs trend 2.5 \(health.spike_action=stop\)"):
-        stop(spike, 9, checkpointer, tmp_path)
+        stop(Verdict("stop", spike, 9), 9, checkpointer, tmp_path)
     # Rollbacks used up: the stop names the checkpoint to resume from, the last one before the trouble.
     import titanlite.train as train_module
     monkeypatch.setattr(train_module, "last_checkpoint_before",
                         lambda _, step: tmp_path / "checkpoint" / "step-00000005" if step == 9 else None)
     monitor.rollbacks = config.health.max_rollbacks
     with pytest.raises(HealthStop, match="after 3 rollbacks") as error:
-        roll_back(divergence, monitor, checkpointer, None, run)
+        roll_back(Verdict("rollback", divergence, 9, True), monitor, checkpointer, None, run)
     assert f"--checkpoint.resume {tmp_path / 'checkpoint' / 'step-00000005'} --optimizer.lr" in str(error.value)
+
+
+def test_a_verdict_reaches_back_to_the_earliest_trouble_of_its_window(tmp_path):
+    """A sustained rise that began at step 7 and a NaN at step 12 in one window: the rollback goes back
+    before step 7, not 12; and a stop beside a divergence knows not to save the diverged state."""
+    from titanlite.health_detectors import Event
+
+    config = load_config(None, ["--training.steps", "20", "--health.spike_action", "stop"])
+    monitor = HealthMonitor(config, 0, tmp_path, rank=0, device=torch.device("cpu"))
+    rise = Event(11, "divergence", "loss rising since step 7", 7, 0.1)
+    nan = Event(12, "divergence", "loss is nan at step 12", 12, math.nan)
+    assert monitor.decide([rise, nan]) == Verdict("rollback", rise, trouble_start=7, diverged=True)
+    assert monitor.decide([nan, rise]).trouble_start == 7
+    spike = Event(12, "spike", "loss 9 vs trend 3", 12, 9.0)
+    assert monitor.decide([rise, spike]) == Verdict("stop", spike, trouble_start=7, diverged=True)
+    assert monitor.decide([spike]) == Verdict("stop", spike, trouble_start=12, diverged=False)
 
 
 def test_an_inf_grad_norm_is_logged_as_inf_and_not_counted_as_finite():

@@ -321,6 +321,18 @@ class Checkpointer:
             except OSError as error:
                 logger.warning("checkpoint: could not delete %s (%s); it stays", path, error)
 
+    def set_aside_after(self, step: int, reason: str) -> None:
+        """Rename the published checkpoints after `step` to step-N.<reason> (a rollback's abandoned
+        branch): kept for whoever investigates, never resumed from by resume=auto, never deleted."""
+        def rename() -> None:
+            for saved, path in self.complete_checkpoints():
+                if saved > step:
+                    path.rename(path.with_name(f"{path.name}.{reason}"))
+                    logger.warning("checkpoint: %s was saved after the trouble began: moved to %s.%s",
+                                   path, path.name, reason)
+        self.wait()
+        self._on_rank0(rename)
+
     def latest_complete(self) -> Path | None:
         """The newest published checkpoint in this run's folder (waits for a save in flight)."""
         self.wait()

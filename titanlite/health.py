@@ -41,7 +41,9 @@ class Verdict:
     """What the loop must do after a check: action None (carry on), "rollback" or "stop", and why."""
 
     action: str | None = None
-    cause: Event | None = None
+    cause: Event | None = None  # the first event that asks for `action` (stop wins over rollback)
+    trouble_start: int | None = None  # the earliest start_step of all events that ask for a rollback or a stop
+    diverged: bool = False  # a divergence is among them: the current state must not become a checkpoint
 
 
 @dataclass
@@ -138,8 +140,9 @@ class HealthMonitor:
         return metrics, events
 
     def decide(self, events: list[Event]) -> Verdict:
-        """Log, record and capture each event; the verdict is the strongest of stop/rollback, with its event."""
-        verdict, captured = Verdict(), set()
+        """Log, record and capture each event; the verdict is the strongest of stop/rollback, with its event,
+        where the earliest of those events' troubles began, and whether one of them is a divergence."""
+        acting, captured = [], set()
         for event in events:
             action = getattr(self.settings, f"{event.signal}_action")
             record = {**event.to_dict(), "action": action}
@@ -151,9 +154,14 @@ class HealthMonitor:
             if event.signal in CAPTURED_SIGNALS and action != "log" and event.signal not in captured:
                 captured.add(event.signal)  # the first step of each kind is the one that points at the cause
                 self.capture(event.step)
-            if action in ("stop", "rollback") and verdict.action != "stop":
-                verdict = Verdict(action, event)  # stop wins: it is the safer of the two
-        return verdict
+            if action in ("stop", "rollback"):
+                acting.append((action, event))
+        if not acting:
+            return Verdict()
+        action = "stop" if any(wanted == "stop" for wanted, _ in acting) else "rollback"  # the safer of the two
+        return Verdict(action, next(event for wanted, event in acting if wanted == action),
+                       min(event.start_step for _, event in acting),
+                       any(event.signal == "divergence" for _, event in acting))
 
     def capture(self, step: int) -> Path | None:
         """Write step `step`'s batch, worst sample first, to <run>/spikes/step-<step>.jsonl (rank 0)."""

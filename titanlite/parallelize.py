@@ -309,12 +309,17 @@ def global_grad_norm(parameters: list[nn.Parameter]) -> torch.Tensor:
         grad = param.grad
         if isinstance(grad, DTensor) and any(q.is_partial() for q in grad.placements):
             param.grad = grad.redistribute(placements=[Replicate() if q.is_partial() else q for q in grad.placements])
-    grads = [p.grad for p in parameters if p.grad is not None]
     world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
-    weights = torch.tensor([1.0 / _copies(g, world_size) for g in grads], dtype=torch.float64, device=local[0].device)
-    squared = (torch.stack(torch._foreach_norm(local)).double().square() * weights).sum()
+    by_copies: dict[int, list[torch.Tensor]] = {}  # divided by Python numbers: no host-to-device copy, no sync
+    for param in parameters:
+        if param.grad is not None:
+            local = param.grad.to_local() if isinstance(param.grad, DTensor) else param.grad
+            by_copies.setdefault(_copies(param.grad, world_size), []).append(local)
+    squared = sum(torch.stack(torch._foreach_norm(group)).double().square().sum() / copies
+                  for copies, group in sorted(by_copies.items()))
     if world_size > 1:
+        if squared.device.type == "cpu" and torch.distributed.get_backend() == "nccl":
+            squared = squared.cuda()  # FSDP's CPU offload keeps the gradients on the host; NCCL reduces on the GPU
         torch.distributed.all_reduce(squared)
     return squared.sqrt().float()
 

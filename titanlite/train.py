@@ -21,8 +21,7 @@ from titanlite.checkpoint import CheckpointError, Checkpointer, TrainState
 from titanlite.config import config_differences, load_config
 from titanlite.data import DataError, build_dataloader, check_data_source, warn_if_data_bound
 from titanlite.float8 import refresh_float8_scales
-from titanlite.health import HealthMonitor, HealthStop
-from titanlite.health_detectors import Event
+from titanlite.health import HealthMonitor, HealthStop, Verdict
 from titanlite.launch import report_to_launcher
 from titanlite.loss import batch_sample_losses, cross_entropy_per_sample, valid_tokens_per_sample
 from titanlite.metrics import (MetricLogger, check_dump_folder, init_logging, peak_flops_per_device, start_run_records,
@@ -96,20 +95,22 @@ def last_checkpoint_before(checkpointer: Checkpointer, step: int) -> Path | None
     return earlier[-1] if earlier else None
 
 
-def roll_back(cause: Event, health: HealthMonitor, checkpointer: Checkpointer, loader, run: Run):
+def roll_back(verdict: Verdict, health: HealthMonitor, checkpointer: Checkpointer, loader, run: Run):
     """Reload the last checkpoint before the trouble began; returns (its step, a data iterator there).
 
     The LR scale (health.lr_scale, read by the schedule) shrinks by health.rollback_lr_factor; with
-    health.rollback_skip_data the batches that led to the failure are not replayed.
+    health.rollback_skip_data the batches that led to the failure are not replayed. Later checkpoints
+    (saved after the trouble began) are moved aside, so that a restart does not resume into it.
     """
-    settings = run.config.health
-    resume_from = last_checkpoint_before(checkpointer, cause.start_step)
+    settings, cause = run.config.health, verdict.cause
+    resume_from = last_checkpoint_before(checkpointer, verdict.trouble_start)
     if health.rollbacks >= settings.max_rollbacks or resume_from is None:
         why = (f"after {health.rollbacks} rollbacks (health.max_rollbacks={settings.max_rollbacks})"
-               if resume_from is not None else f"and no checkpoint predates step {cause.start_step} to roll back to")
+               if resume_from is not None else f"and no checkpoint predates step {verdict.trouble_start} to roll back to")
         raise HealthStop(f"{cause.signal} at step {cause.step} {why}: {cause.message}. {resume_advice(resume_from)}")
     counters = health.run_counters()
     step = checkpointer.load(resume_from)  # restores every Stateful, the health detectors included
+    checkpointer.set_aside_after(step, f"rollback-{health.rollbacks + 1}")
     health.rolled_back(counters, step)
     logger.warning("health: rolled back to step %d (%s); LR scale now %.4g, rollback %d of %d",
                    step, resume_from, health.lr_scale, health.rollbacks, settings.max_rollbacks)
@@ -127,11 +128,12 @@ def resume_advice(resume_from: Path | None) -> str:
             f"--checkpoint.resume {resume_from} --optimizer.lr <lower>")
 
 
-def stop(cause: Event, step: int, checkpointer: Checkpointer, dump_folder: Path) -> None:
+def stop(verdict: Verdict, step: int, checkpointer: Checkpointer, dump_folder: Path) -> None:
     """Save (unless diverged: that state must not become the checkpoint to resume) and raise HealthStop."""
-    if cause.signal != "divergence":
+    cause = verdict.cause
+    if not verdict.diverged:
         checkpointer.maybe_save(step, force=True)
-    resume_from = last_checkpoint_before(checkpointer, cause.start_step if cause.signal == "divergence" else step + 1)
+    resume_from = last_checkpoint_before(checkpointer, verdict.trouble_start if verdict.diverged else step + 1)
     checkpointer.close()
     raise HealthStop(f"{cause.signal} at step {cause.step}: {cause.message} (health.{cause.signal}_action=stop). "
                      f"Events in {dump_folder / 'health.jsonl'}; `python -m titanlite.diagnose {dump_folder}`. "
@@ -243,10 +245,10 @@ def train(config: Config) -> list[dict]:
                                 time.perf_counter() - loop_start)
             verdict = health.decide(events)
             if verdict.action == "rollback":
-                step, data_iterator = roll_back(verdict.cause, health, checkpointer, loader, run)
+                step, data_iterator = roll_back(verdict, health, checkpointer, loader, run)
                 continue
             if verdict.action == "stop":
-                stop(verdict.cause, step, checkpointer, dump_folder)
+                stop(verdict, step, checkpointer, dump_folder)
         checkpointer.maybe_save(step, force=step == run.total_steps)
 
     # --- tear-down
