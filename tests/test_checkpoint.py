@@ -390,6 +390,28 @@ def test_a_rollback_sets_aside_the_checkpoints_saved_after_the_trouble(tmp_path)
     checkpointer.close()
 
 
+def _choose_with_a_lagging_listing(folder: str) -> list:
+    """Rank 1 lists the folder as a lagging shared filesystem might (empty); both ranks must choose rank 0's."""
+    import torch.distributed as dist
+    config = tiny_config(Path(folder), "--checkpoint.interval", "1")
+    states = build_states(config)
+    checkpointer = checkpointer_for(config, states)
+    for step in (1, 2):
+        take_steps(states, 1)
+        checkpointer.maybe_save(step)
+    if dist.get_rank() == 1:
+        checkpointer.complete_checkpoints = lambda warn=False: []
+    chosen = [checkpointer.latest_complete(), checkpointer.latest_complete(before_step=2)]
+    checkpointer.close()
+    return [path.name for path in chosen]
+
+
+@pytest.mark.slow
+def test_every_rank_resumes_from_the_checkpoint_rank_0_lists(tmp_path):
+    assert run_distributed(_choose_with_a_lagging_listing, 2, str(tmp_path)) == [["step-00000002",
+                                                                                  "step-00000001"]] * 2
+
+
 def test_a_kill_between_the_renames_of_a_re_save_keeps_the_earlier_copy(tmp_path):
     """publish() moves a re-saved step's earlier copy to step-N.replaced, then renames step-N.partial
     to step-N: killed in between, the next start puts the earlier copy back and resumes from it."""

@@ -333,11 +333,21 @@ class Checkpointer:
         self.wait()
         self._on_rank0(rename)
 
-    def latest_complete(self) -> Path | None:
-        """The newest published checkpoint in this run's folder (waits for a save in flight)."""
+    def latest_complete(self, before_step: int | None = None) -> Path | None:
+        """The newest published checkpoint in this run's folder (of a step before `before_step`, if
+        given), as rank 0 lists it: every rank loads the same one even where a shared filesystem's
+        listing lags on some. Waits for a save in flight. Collective."""
         self.wait()
-        complete = self.complete_checkpoints(warn=True)
-        return complete[-1][1] if complete else None
+        newest = None
+        if self.rank == 0:
+            complete = [path for step, path in self.complete_checkpoints(warn=True)
+                        if before_step is None or step < before_step]
+            newest = complete[-1] if complete else None
+        if self.distributed:
+            box = [newest]
+            dist.broadcast_object_list(box, src=0, group=self.group)
+            newest = box[0]
+        return newest
 
     # --- loading
     def load(self, path: Path | str | None = None) -> int | None:

@@ -90,9 +90,7 @@ def last_checkpoint_before(checkpointer: Checkpointer, step: int) -> Path | None
     """The newest complete checkpoint saved before `step` (a later one may hold the failure)."""
     if not checkpointer.settings.enable:
         return None
-    checkpointer.wait()  # a save still being written is listed once it is published
-    earlier = [path for saved, path in checkpointer.complete_checkpoints() if saved < step]
-    return earlier[-1] if earlier else None
+    return checkpointer.latest_complete(before_step=step)
 
 
 def roll_back(verdict: Verdict, health: HealthMonitor, checkpointer: Checkpointer, loader, run: Run):
