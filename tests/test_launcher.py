@@ -83,6 +83,22 @@ def test_a_failure_on_a_hidden_rank_is_reported_with_its_line_and_status(tmp_pat
     assert "Traceback" not in result.stderr + result.stdout
 
 
+def test_the_rank_that_said_why_is_reported_over_a_shown_peer_that_crashed_after_it(monkeypatch, capsys):
+    """Rank 1 (hidden) stops on a DataError; rank 0 (shown) dies on the broken connection in the same
+    second: the launcher reports rank 1's line and exit status, not rank 0's."""
+    from types import SimpleNamespace
+
+    from titanlite.launch import exit_code_of_failure
+
+    monkeypatch.setenv("LOG_RANK", "0")
+    failures = {0: SimpleNamespace(exitcode=1, local_rank=0, timestamp=100, message={"error": "gloo closed"}),
+                1: SimpleNamespace(exitcode=2, local_rank=1, timestamp=100,
+                                   message="titanlite: data error: shard x.parquet is corrupt")}
+    error = SimpleNamespace(failures=failures, format_msg=lambda: "torchrun summary")
+    assert exit_code_of_failure(error) == 2
+    assert "titanlite: data error: shard x.parquet is corrupt (rank 1)" in capsys.readouterr().err
+
+
 def test_paths_are_relative_to_the_launch_folder_and_config_file_is_honoured(tmp_path):
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs" / "tiny.toml").write_text(

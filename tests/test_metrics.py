@@ -76,7 +76,8 @@ def test_no_mfu_without_a_peak(tmp_path):
 
 @pytest.mark.parametrize("name, dense_bf16", [  # NVIDIA datasheets, dense (the sparse figure is 2x)
     ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 NVL", 835e12), ("NVIDIA H100 PCIe", 756e12),
-    ("NVIDIA H200", 989e12), ("NVIDIA GH200 480GB", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12)])
+    ("NVIDIA H200", 989e12), ("NVIDIA H200 NVL", 835e12), ("NVIDIA GH200 480GB", 989e12),
+    ("NVIDIA A100-SXM4-80GB", 312e12)])
 def test_peak_flops_of_known_gpus(monkeypatch, name, dense_bf16):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     assert peak_flops_per_device(torch.device("cuda", 0)) == dense_bf16

@@ -97,6 +97,8 @@ def test_llama3_special_token_layout():
     assert names[6:10] == ["<|start_header_id|>", "<|end_header_id|>",
                            "<|reserved_special_token_4|>", "<|eot_id|>"]
     assert names[-1] == "<|reserved_special_token_250|>"
+    for count in range(1, 11):  # a short list is the first `count` of the same order
+        assert llama3_special_tokens(count) == names[:count]
 
 
 def test_fingerprint_stable_and_distinct(tmp_path, tokenizer):

@@ -79,6 +79,9 @@ def test_validation_of_the_training_data_is_refused(tmp_path):
     generated = tiny_config(tmp_path, *VALIDATION, "--data.source", str(tmp_path / "data"))
     with pytest.raises(DataError, match="validation.source=default holds out part of the generated corpus"):
         build_validation_rows(resolve(generated, 1, 2048), tokenizer)
+    missing = tiny_config(tmp_path, *VALIDATION, "--validation.source", str(tmp_path / "missing"))
+    with pytest.raises(DataError, match=r"^validation.source=.*missing"):  # not data.source, which is fine
+        build_validation_rows(resolve(missing, 1, 2048), tokenizer)
 
 
 def validation_history(folder: str, overrides: list[str]) -> list[tuple[int, float]]:

@@ -110,11 +110,14 @@ def exit_code_of_failure(error) -> int:
     """Report a torchrun ChildFailedError in titanlite's terms; returns the exit code to use.
 
     The rank reported is one that exited on its own (the others were then stopped by torchrun with
-    a signal), preferably one whose output is on screen: it has already said why, in one line.
+    a signal), preferably one that reported a titanlite error (a peer of it may crash a moment later
+    on the broken connection), then one whose output is on screen: it has already said why.
     """
     shown, failures = shown_local_ranks(), error.failures
-    rank = min(failures, key=lambda r: (failures[r].exitcode <= 0, failures[r].local_rank not in shown,
-                                        failures[r].timestamp, r))
+    said_why = {r for r, failure in failures.items()
+                if isinstance(failure.message, str) and failure.message.startswith("titanlite: ")}
+    rank = min(failures, key=lambda r: (failures[r].exitcode <= 0, r not in said_why,
+                                        failures[r].local_rank not in shown, failures[r].timestamp, r))
     failure = failures[rank]
     if failure.exitcode <= 0:  # killed by a signal (the kernel's OOM killer, a scheduler): torchrun's summary
         print(error.format_msg(), file=sys.stderr)

@@ -20,7 +20,8 @@ logger = logging.getLogger("titanlite")
 # TF32 one by mistake; MFU against those reads low by 2x or high by 2x.
 PEAK_BF16_FLOPS = {
     "H100 SXM": 989e12, "H100 80GB HBM3": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12,
-    "H200": 989e12, "GH200": 989e12, "A100": 312e12, "B200": 2250e12, "L40S": 362e12,
+    "H200 NVL": 835e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "GB200": 2500e12, "B200": 2250e12,
+    "L40S": 362e12,
 }
 
 

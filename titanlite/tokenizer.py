@@ -50,7 +50,7 @@ class TokenizerError(ValueError):
 
 def llama3_special_tokens(count: int) -> list[str]:
     """The first `count` special tokens in Llama 3's order (Llama 3 itself uses 256)."""
-    reserved = (f"<|reserved_special_token_{i}|>" for i in range(count))
+    reserved = (f"<|reserved_special_token_{i}|>" for i in range(max(count, 6)))
     named = [BEGIN_OF_TEXT, END_OF_TEXT, next(reserved), next(reserved), next(reserved),
              next(reserved), "<|start_header_id|>", "<|end_header_id|>", next(reserved),
              "<|eot_id|>"]

@@ -60,8 +60,11 @@ def build_validation_rows(run: Run, tokenizer: Tokenizer):
     if Path(settings.source).expanduser().resolve() == Path(config.data.source).expanduser().resolve():
         raise DataError(f"validation.source={settings.source} is the training data (data.source): validate on "
                         "held-out data, e.g. a separate titanlite.prepare output")
-    rows = build_rows(dataclasses.replace(config, data=dataclasses.replace(config.data, source=settings.source)),
-                      tokenizer)
+    try:
+        rows = build_rows(dataclasses.replace(config, data=dataclasses.replace(config.data, source=settings.source)),
+                          tokenizer)
+    except DataError as error:  # build_rows names the setting it reads: here that is validation.source
+        raise DataError(str(error).replace("data.source=", "validation.source=")) from None
     if sum(rows.shard_rows) < rows_needed:
         raise DataError(f"validation.source={settings.source} has {sum(rows.shard_rows):,} rows; validation.steps="
                         f"{settings.steps} needs {rows_needed:,}: lower validation.steps or add held-out data")
