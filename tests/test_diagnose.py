@@ -112,6 +112,21 @@ def test_a_rollback_is_reported_and_drawn_as_an_abandoned_branch(tmp_path):
     assert [patch.get_label() for patch in loss_axis.patches] == ["rolled back"]
 
 
+def test_two_rollback_events_of_one_check_are_one_rollback_not_a_failed_one(tmp_path):
+    """A rise from step 7 and a NaN at 12 in one window ask for one rollback; the trainer made it."""
+    from titanlite.health import HealthMonitor
+    from titanlite.health_detectors import Event
+
+    write_run(tmp_path, power_law(40, seed=0), rollbacks=1, lr_scale=0.5)
+    monitor = HealthMonitor(load_config(None), 0, tmp_path, rank=0, device=None)
+    monitor.decide([Event(11, "divergence", "loss rising since step 7", 7, 0.1),
+                    Event(12, "divergence", "loss is nan at step 12", 12, math.nan)])
+    logged = [json.loads(line) for line in (tmp_path / "health.jsonl").read_text().splitlines()]
+    assert [e.get("verdict") for e in logged] == ["rollback", None]
+    text = verdict(tmp_path)
+    assert "rolled back 1 time(s)" in text and "no rollback" not in text
+
+
 def test_plots_label_each_axis_and_draw_clip_mfu_branches_and_nonfinite_points(tmp_path):
     from titanlite.diagnose_plots import build_figures, split_branches
 

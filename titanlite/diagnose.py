@@ -153,7 +153,8 @@ def rollback_lines(records: list[dict], logged: list[dict], settings: Health) ->
     """What the trainer did about it: the rollbacks it made (the health monitor's count, logged with
     every record), and a rollback it was asked for but could not make (the run then stopped)."""
     done = max((int(r.get("rollbacks", 0)) for r in records), default=0)
-    asked = [e for e in logged if e.get("action") == "rollback"]
+    decided = any("verdict" in e for e in logged)  # one per check; older runs logged only each event's action
+    asked = [e for e in logged if (e.get("verdict") if decided else e.get("action")) == "rollback"]
     lines = []
     if done:
         lines.append(f"  the trainer rolled back {done} time(s); LR scale now {records[-1].get('lr_scale', 'n/a')}")

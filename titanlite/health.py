@@ -142,26 +142,28 @@ class HealthMonitor:
     def decide(self, events: list[Event]) -> Verdict:
         """Log, record and capture each event; the verdict is the strongest of stop/rollback, with its event,
         where the earliest of those events' troubles began, and whether one of them is a divergence."""
-        acting, captured = [], set()
+        acting, captured, records = [], set(), []
         for event in events:
             action = getattr(self.settings, f"{event.signal}_action")
-            record = {**event.to_dict(), "action": action}
-            self.events = (self.events + [record])[-100:]
+            records.append({**event.to_dict(), "action": action})
             logger.warning("health: %s at step %d: %s -> %s", event.signal, event.step, event.message, action)
-            if self.rank == 0:
-                with open(self.dump_folder / "health.jsonl", "a") as events_file:
-                    events_file.write(json.dumps(record) + "\n")
             if event.signal in CAPTURED_SIGNALS and action != "log" and event.signal not in captured:
                 captured.add(event.signal)  # the first step of each kind is the one that points at the cause
                 self.capture(event.step)
             if action in ("stop", "rollback"):
                 acting.append((action, event))
-        if not acting:
-            return Verdict()
-        action = "stop" if any(wanted == "stop" for wanted, _ in acting) else "rollback"  # the safer of the two
-        return Verdict(action, next(event for wanted, event in acting if wanted == action),
-                       min(event.start_step for _, event in acting),
-                       any(event.signal == "divergence" for _, event in acting))
+        verdict = Verdict()
+        if acting:
+            action = "stop" if any(wanted == "stop" for wanted, _ in acting) else "rollback"  # the safer of the two
+            cause = next(event for wanted, event in acting if wanted == action)
+            verdict = Verdict(action, cause, min(event.start_step for _, event in acting),
+                              any(event.signal == "divergence" for _, event in acting))
+            records[events.index(cause)]["verdict"] = action  # one decision per check, however many events
+        self.events = (self.events + records)[-100:]
+        if self.rank == 0 and records:
+            with open(self.dump_folder / "health.jsonl", "a") as events_file:
+                events_file.write("".join(json.dumps(record) + "\n" for record in records))
+        return verdict
 
     def capture(self, step: int) -> Path | None:
         """Write step `step`'s batch, worst sample first, to <run>/spikes/step-<step>.jsonl (rank 0)."""
