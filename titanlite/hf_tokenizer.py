@@ -129,7 +129,10 @@ def _split_pattern(pre_tokenizer: dict | None) -> str:
     if (kinds == ["Split", "ByteLevel"] and "Regex" in steps[0].get("pattern", {})
             and steps[0].get("behavior") == "Isolated" and not steps[0].get("invert")
             and not steps[1].get("use_regex", True) and not steps[1].get("add_prefix_space")):
-        return steps[0]["pattern"]["Regex"]
+        # HF keeps the text between matches as pieces of its own; tiktoken encodes matches only, so
+        # each unmatched stretch becomes a match of the second alternative.
+        pattern = steps[0]["pattern"]["Regex"]
+        return f"(?:{pattern})|(?:(?!(?:{pattern}))[\\s\\S])+"
     raise HFTokenizerError(f"pre_tokenizer {json.dumps(pre_tokenizer)[:120]} is not a byte-level split "
                            "(Split(Regex, Isolated) then ByteLevel, or ByteLevel with its regex, no prefix space)")
 
