@@ -93,7 +93,8 @@ def test_llama3_frequencies_match_metas_reference(head_dim, factor, original, th
     got = rope_inverse_frequencies(config)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
     plain = rope_inverse_frequencies(yarn_config(dim=head_dim * 8, rope_scaling="none", rope_theta=theta))
-    assert got[0] == plain[0] and got[-1] == pytest.approx(plain[-1] / factor, rel=1e-12)  # all three regions
+    assert got[0].item() == plain[0].item()  # all three regions
+    assert got[-1].item() == pytest.approx(plain[-1].item() / factor, rel=1e-12)
     assert attention_softmax_scale(config) is None  # llama3 has no attention temperature
 
 
