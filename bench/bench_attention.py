@@ -24,7 +24,13 @@ import torch
 from torch.nn.attention import sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from titanlite.attention import BACKENDS, accepting_backends, pad_head_dim, sdpa_causal, selected_kernel  # noqa: E402
+from titanlite.model.attention import (  # noqa: E402
+    BACKENDS,
+    accepting_backends,
+    pad_head_dim,
+    sdpa_causal,
+    selected_kernel,
+)
 
 RECIPE_SHAPES = {"3b": (32, 8, 100), "7b": (32, 8, 128), "13b": (40, 8, 128)}  # q heads, kv heads, head_dim
 

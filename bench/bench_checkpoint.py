@@ -40,13 +40,13 @@ import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from titanlite import checkpoint_files  # noqa: E402
-from titanlite.checkpoint import Checkpointer, TrainState  # noqa: E402
-from titanlite.config import load_config  # noqa: E402
-from titanlite.resolve import resolve  # noqa: E402
-from titanlite.model import build_model  # noqa: E402
-from titanlite.optim import build_optimizer  # noqa: E402
-from titanlite.parallelize import ParallelDims  # noqa: E402
+from titanlite.checkpoint import storage  # noqa: E402
+from titanlite.checkpoint.checkpointer import Checkpointer  # noqa: E402
+from titanlite.checkpoint.states import TrainState  # noqa: E402
+from titanlite.config.load import load_config  # noqa: E402
+from titanlite.config.resolve import optimizer_update, resolve  # noqa: E402
+from titanlite.model.transformer import build_model  # noqa: E402
+from titanlite.optim.optimizer import build_optimizer  # noqa: E402
 
 
 def synchronize(device: torch.device) -> None:
@@ -61,13 +61,13 @@ def folder_bytes(path: Path) -> int:
 @contextmanager
 def checksums(variant: str):
     """variant "none": every CRC-32 is 0, so saving hashes nothing and loading verifies nothing."""
-    original = checkpoint_files.zlib
+    original = storage.zlib
     if variant == "none":
-        checkpoint_files.zlib = types.SimpleNamespace(crc32=lambda data, value=0: 0)
+        storage.zlib = types.SimpleNamespace(crc32=lambda data, value=0: 0)
     try:
         yield
     finally:
-        checkpoint_files.zlib = original
+        storage.zlib = original
 
 
 @contextmanager
@@ -110,11 +110,11 @@ def main() -> None:
         "--training.steps", "100000", "--parallelism.tensor_parallel_degree", "1",
         "--checkpoint.enable", "true", "--checkpoint.folder", str(args.folder.resolve()),
         "--checkpoint.interval", "1000000", "--job.dump_folder", str(args.folder.resolve()), *overrides])
-    dims = ParallelDims.from_run(resolve(config, 1, config.model.vocab_size))
+    run = resolve(config, 1, config.model.vocab_size)
     model = build_model(config.model, args.seq_len, device="meta")
     model.to_empty(device=device)
     model.init_weights(seed=0)
-    optimizer = build_optimizer(model, config, device.type)
+    optimizer = build_optimizer(model, config.optimizer, optimizer_update(config, device.type))
     train_state = TrainState()
     states = {"model": model, "optimizer": optimizer, "train_state": train_state}
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -139,12 +139,12 @@ def main() -> None:
         baseline = statistics.median(step() for _ in range(5))
         result = {"command": " ".join(sys.argv), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
                   "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                  "torch_version": torch.__version__, "parameters": model.num_params(),
+                  "torch_version": torch.__version__, "parameters": sum(p.numel() for p in model.parameters()),
                   "write_threads": config.checkpoint.write_threads, "baseline_step_s": baseline, "variants": {}}
-        print(f"{model.num_params():,} parameters, baseline step {baseline * 1e3:.1f} ms", flush=True)
+        print(f"{result['parameters']:,} parameters, baseline step {baseline * 1e3:.1f} ms", flush=True)
         for variant in args.variants.split(","):
             with checksums(variant):
-                result["variants"][variant] = run_variant(args, config, dims, states, device, step, baseline, variant)
+                result["variants"][variant] = run_variant(args, config, run, states, device, step, baseline, variant)
     finally:
         shutil.rmtree(args.folder, ignore_errors=True)
     if args.out:
@@ -158,14 +158,14 @@ def main() -> None:
     print("SUMMARY " + json.dumps(summary))
 
 
-def run_variant(args, config, dims, states, device, step, baseline: float, variant: str) -> dict:
+def run_variant(args, config, run, states, device, step, baseline: float, variant: str) -> dict:
     train_state = states["train_state"]
     # --- synchronous saves, each followed by a load
     config.checkpoint.async_mode = "disabled"
     saves, loads, size = [], [], 0
     for _ in range(args.repeats):
         shutil.rmtree(args.folder, ignore_errors=True)
-        checkpointer = Checkpointer(config, dims, args.folder, states)
+        checkpointer = Checkpointer(config.checkpoint, args.folder, states, run.to_dict(), run.layout)
         step()
         synchronize(device)
         start = time.perf_counter()
@@ -188,7 +188,7 @@ def run_variant(args, config, dims, states, device, step, baseline: float, varia
     # --- asynchronous saves: blocking time, time to complete, training stall
     shutil.rmtree(args.folder, ignore_errors=True)
     config.checkpoint.async_mode = "async"
-    checkpointer = Checkpointer(config, dims, args.folder, states)
+    checkpointer = Checkpointer(config.checkpoint, args.folder, states, run.to_dict(), run.layout)
     waiting = [0.0]
     wait_for_staging = checkpointer._wait_for_staging  # the optimizer's pre-step hook calls it
 

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from titanlite.loss import IGNORE_INDEX, cross_entropy_per_sample  # noqa: E402
-from titanlite.model import RMSNorm  # noqa: E402
+from titanlite.model.loss import IGNORE_INDEX, cross_entropy_per_sample  # noqa: E402
+from titanlite.model.transformer import RMSNorm  # noqa: E402
 
 
 def summed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -30,11 +30,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from titanlite.config import load_config  # noqa: E402
-from titanlite.health import HealthMonitor  # noqa: E402
-from titanlite.model import build_model  # noqa: E402
-from titanlite.optim import build_optimizer  # noqa: E402
-from titanlite.profiling import OutOfMemory, TrainingProfiler, report_oom  # noqa: E402
+from titanlite.config.load import load_config  # noqa: E402
+from titanlite.config.resolve import optimizer_update  # noqa: E402
+from titanlite.health.monitor import HealthMonitor  # noqa: E402
+from titanlite.metrics.profiling import OutOfMemory, TrainingProfiler, report_oom  # noqa: E402
+from titanlite.model.transformer import build_model  # noqa: E402
+from titanlite.optim.optimizer import build_optimizer  # noqa: E402
 from titanlite.train import train_step  # noqa: E402
 
 TINY = ["--model.dim", "128", "--model.n_layers", "2", "--model.n_heads", "4", "--model.n_kv_heads", "2",
@@ -157,13 +158,14 @@ def main() -> None:
     def fresh():
         model = build_model(config.model, config.training.seq_len, device)
         model.init_weights(seed=0)
-        return model, build_optimizer(model, config, device.type)
+        return model, build_optimizer(model, config.optimizer, optimizer_update(config, device.type))
 
     results = {}
     with tempfile.TemporaryDirectory() as folder:
         model, optimizer = fresh()
         results["plain"] = time_steps(model, optimizer, config, device, autocast, args.steps)
-        monitor = HealthMonitor(config, 0, Path(folder), 0, device)
+        monitor = HealthMonitor(config.health, config.training.grad_clip, 0, config.metrics.log_freq, Path(folder), 0,
+                                device)
         results["health"] = time_steps(model, optimizer, config, device, autocast, args.steps, monitor,
                                        args.log_freq, check_syncs=True)
         results["overhead_ms"] = results["health"]["median_ms"] - results["plain"]["median_ms"]

@@ -45,7 +45,7 @@ for layout in "${layouts[@]}"; do
   args=(--config debug_model "${shape[@]}" --parallelism.tensor_parallel_degree $tp
         --training.micro_batch_size "$micro_batch" --training.global_batch_tokens $(( micro_batch * seq * dp ))
         --training.steps "$steps" --lr_schedule.warmup_tokens $(( 5 * micro_batch * seq * dp )) --optimizer.lr 3e-4
-        --activation_checkpoint.mode selective --activation_checkpoint.selective_option op
+        --activation_checkpoint.mode selective --activation_checkpoint.selective_blocks 0
         --metrics.log_freq 5 --metrics.enable_tensorboard false --checkpoint.enable false
         --job.dump_folder "$dump")
   devices=$(seq -s, 0 $(( ngpu - 1 )))

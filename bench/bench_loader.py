@@ -30,10 +30,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from titanlite import prepare as prep  # noqa: E402
-from titanlite.config import load_config  # noqa: E402
-from titanlite.corpus import generate_documents  # noqa: E402
-from titanlite.data import build_dataloader  # noqa: E402
-from titanlite.tokenizer import build_tokenizer  # noqa: E402
+from titanlite.config.load import load_config  # noqa: E402
+from titanlite.data.corpus import generate_documents  # noqa: E402
+from titanlite.data.documents import build_settings  # noqa: E402
+from titanlite.data.loader import batch_maker, build_dataloader  # noqa: E402
+from titanlite.data.sources import build_rows, find_source  # noqa: E402
+from titanlite.data.tokenizer import build_tokenizer  # noqa: E402
 
 H100_7B_TOKENS_PER_SECOND = 40_000  # per GPU, the brief's figure for the 7B shape
 
@@ -46,7 +48,7 @@ def prepare_corpus(folder: Path, documents: int, seq_len: int, workers: int, row
     for start in range(0, documents, per_file):  # several files, as real corpora come
         (raw / f"part{start // per_file:03d}.jsonl").write_text(
             "".join(json.dumps({"text": t}) + "\n" for t in texts[start:start + per_file]))
-    settings = prep.build_settings(str(raw), build_tokenizer("default"), seq_len, rows_per_shard=rows_per_shard)
+    settings = build_settings(str(raw), build_tokenizer("default"), seq_len, rows_per_shard)
     begin = time.perf_counter()
     manifest = prep.prepare(settings, folder / "prepared", workers=workers, progress=False)
     seconds = time.perf_counter() - begin
@@ -61,7 +63,11 @@ def time_loader(folder: Path, args, workers: int) -> dict:
         "--data.source", str(folder), "--training.seq_len", str(args.seq_len), "--training.steps", "1",
         "--training.micro_batch_size", str(args.micro_batch), "--data.num_workers", str(workers),
         "--data.prefetch_factor", "4", "--model.attention", "flex", "--model.positions", "document"])
-    loader = build_dataloader(config, build_tokenizer("default"), 0, args.dp_degree)
+    tokenizer = build_tokenizer("default")
+    rows = build_rows(find_source(str(folder), args.seq_len, tokenizer), config.data, args.seq_len, tokenizer,
+                      folder / ".cache")
+    to_batch = batch_maker(tokenizer.eos_id, False, document_ids=True, document_positions=True)
+    loader = build_dataloader(rows, config.data, args.micro_batch, 0, 0, args.dp_degree, to_batch)
     device = torch.device("cuda") if torch.cuda.is_available() else None
     iterator = iter(loader)
     first_begin = time.perf_counter()

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import inspect
 import json
 import os
 import subprocess
@@ -28,15 +27,21 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from titanlite import parallelize as parallel  # noqa: E402
 from titanlite import train as trainer  # noqa: E402
-from titanlite.attention import choose_attention_head_dim  # noqa: E402
-from titanlite.config import load_config  # noqa: E402
-from titanlite.resolve import resolve  # noqa: E402
-from titanlite.loss import cross_entropy_per_sample  # noqa: E402
-from titanlite.memory_estimate import GIB, Layout, estimate_memory  # noqa: E402
-from titanlite.model import build_model  # noqa: E402
-from titanlite.optim import build_optimizer  # noqa: E402
+from titanlite.config.load import load_config  # noqa: E402
+from titanlite.config.resolve import (
+    optimizer_update,  # noqa: E402
+    resolve,  # noqa: E402
+)
+from titanlite.model.loss import cross_entropy_per_sample  # noqa: E402
+from titanlite.model.transformer import build_model  # noqa: E402
+from titanlite.optim.optimizer import build_optimizer  # noqa: E402
+from titanlite.parallel.compile import compile_loss  # noqa: E402
+from titanlite.parallel.init import init_weights_layout_independent  # noqa: E402
+from titanlite.parallel.memory import GIB, estimate_memory  # noqa: E402
+from titanlite.parallel.mesh import ParallelDims  # noqa: E402
+from titanlite.parallel.parallelize import parallelize  # noqa: E402
+from titanlite.parallel.tensor_parallel import loss_context  # noqa: E402
 
 # (name, recipe, overrides): shapes of the recipes, layers cut so one 80 GB GPU holds the fp32
 # weights, gradients and AdamW state. Covers AC none / full / selective, compile on and off,
@@ -75,23 +80,18 @@ def measure(recipe: str, overrides: list[str], device_name: str, steps: int, tp:
     config.training.global_batch_tokens = (accum * config.training.micro_batch_size * config.training.seq_len
                                            * (world_size // tp))
     use_bf16 = device.type == "cuda"
-    head_dim = choose_attention_head_dim(config.model, tp, torch.bfloat16 if use_bf16 else torch.float32, device)
-    run = resolve(config, world_size, config.model.vocab_size, device.type, head_dim)
-    config, train = run.config, run.config.training
-    dims = parallel.ParallelDims.from_run(run)
-    dims.build_mesh(device.type)
+    run = resolve(config, world_size, config.model.vocab_size, device.type, trainer.attention_head_dim_probe(device))
+    config, train, layout = run.config, run.config.training, run.layout
+    dims = ParallelDims.build(layout, device.type)
     model = build_model(config.model, train.seq_len, device="meta")
-    parallel.parallelize(model, dims, config, param_dtype=torch.bfloat16 if use_bf16 else torch.float32)
-    parallel.init_weights_layout_independent(model, device, train.seed)
-    optimizer = build_optimizer(model, config, device.type)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 and not dims.fsdp_enabled
+    parallelize(model, dims, config.parallelism, config.activation_checkpoint, config.compile.enable, config.float8,
+                torch.bfloat16 if use_bf16 else torch.float32, run.float8_all_gather)
+    init_weights_layout_independent(model, device, train.seed)
+    optimizer = build_optimizer(model, config.optimizer, optimizer_update(config, device.type), config.compile.enable)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 and not layout.fsdp_enabled
                 else contextlib.nullcontext())
-    extra = {}
-    accepted = inspect.signature(trainer.train_step).parameters
-    if "loss_fn" in accepted and hasattr(parallel, "compile_loss"):
-        extra["loss_fn"] = parallel.compile_loss(cross_entropy_per_sample, dims, config)
-    if "loss_context" in accepted and hasattr(parallel, "loss_context"):
-        extra["loss_context"] = parallel.loss_context(dims)
+    extra = {"loss_fn": compile_loss(cross_entropy_per_sample, config.compile.enable, layout.tp_enabled),
+             "loss_context": loss_context(layout.tp_enabled)}
     generator = torch.Generator().manual_seed(dims.data_parallel_rank)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -103,13 +103,12 @@ def measure(recipe: str, overrides: list[str], device_name: str, steps: int, tp:
             tokens = torch.randint(0, config.model.vocab_size, (train.micro_batch_size, train.seq_len + 1),
                                    generator=generator)
             batches.append({"input_ids": tokens[:, :-1].to(device), "labels": tokens[:, 1:].to(device)})
-        valid = torch.tensor(float(accum * train.micro_batch_size * train.seq_len * dims.data_parallel_degree),
+        valid = torch.tensor(float(accum * train.micro_batch_size * train.seq_len * layout.data_parallel_degree),
                              device=device)
         trainer.train_step(model, optimizer, batches, valid, train.grad_clip, autocast, **extra)
         if device.type == "cuda":
             torch.cuda.synchronize()  # host sync: benchmark measurement
             step_peaks.append(torch.cuda.max_memory_allocated(device))
-    layout = Layout(dims.tensor, dims.shard, dims.replicate)
     estimate = estimate_memory(config, layout, accum)
     measured = max(step_peaks) if step_peaks else 0
     return {"recipe": recipe, "overrides": overrides, "world_size": world_size, "layout": layout.name,

@@ -1,5 +1,5 @@
 """Time one AdamW step over the 7B shape's parameters (8 layers by default): torch's fused AdamW
-against titanlite's CompiledAdamW (titanlite/adamw.py), both clipping through grad_scale as the
+against titanlite's CompiledAdamW (titanlite/optim/adamw.py), both clipping through grad_scale as the
 trainer does. Prints one JSON line: ms per step (median of --iters, CUDA events), the memory
 traffic over that time (fused: reads weight, gradient and two moments and writes all four back,
 the gradient divided by grad_scale: 32 bytes per parameter; compiled: the gradient is not written
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from titanlite.adamw import CompiledAdamW  # noqa: E402
+from titanlite.optim.adamw import CompiledAdamW  # noqa: E402
 
 
 def shapes(layers: int, dim=4096, kv_dim=1024, hidden=11008, vocab=128256) -> list[tuple[int, ...]]:

@@ -4,7 +4,7 @@ Each line of those files is one `bench/gpu_case.sh` case: framework, name, ngpu,
 args, tokens_per_second_per_gpu, mfu_percent, peak memory. Cases of the same name in the same file
 ran in the same device call, side by side: the ratio is titanlite over torchtitan within one file.
     python bench/perf_table.py            # print
-    python bench/perf_table.py --write    # refresh README.md between the PERF-TABLE markers
+    python bench/perf_table.py --write    # refresh docs/performance.md between the PERF-TABLE markers
 """
 
 from __future__ import annotations
@@ -67,14 +67,14 @@ def table(cases: list[tuple[str, dict]]) -> str:
             "\nEach case's arguments (to `bench/gpu_case.sh FRAMEWORK NAME NGPU ...`):\n\n" + "\n".join(commands) + "\n")
 
 
-def readme_with_table(readme: str, cases: list[tuple[str, dict]]) -> str:
+def doc_with_table(readme: str, cases: list[tuple[str, dict]]) -> str:
     start, end = readme.index(BEGIN) + len(BEGIN), readme.index(END)
     return readme[:start] + "\n" + table(cases) + readme[end:]
 
 
 if __name__ == "__main__":
     if "--write" in sys.argv:
-        path = ROOT / "README.md"
-        path.write_text(readme_with_table(path.read_text(), read_cases()))
+        path = ROOT / "docs/performance.md"
+        path.write_text(doc_with_table(path.read_text(), read_cases()))
     else:
         print(table(read_cases()))

@@ -1,7 +1,7 @@
 """Give torchtitan titanlite's training data, so that the side-by-side runs see the same tokens.
 
 Writes, under .tt/tests/assets/ (where bench/gpu_case.sh runs torchtitan):
-  c4_test/data.json        titanlite's default corpus (titanlite/corpus.py, the same 20,000 documents
+  c4_test/data.json        titanlite's default corpus (titanlite/data/corpus.py, the same 20,000 documents
                            titanlite trains on by default), one {"text": ...} per line, for torchtitan's
                            `c4_test` loader;
   tokenizer_titanlite/     titanlite's default tokenizer as a Hugging Face tokenizer.json.
@@ -17,10 +17,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from titanlite.corpus import generate_documents  # noqa: E402
-from titanlite.hf_tokenizer import write_hf_tokenizer  # noqa: E402
-from titanlite.settings import Data  # noqa: E402
-from titanlite.tokenizer import build_tokenizer  # noqa: E402
+from titanlite.config.settings import Data  # noqa: E402
+from titanlite.data.corpus import generate_documents  # noqa: E402
+from titanlite.data.hf_tokenizer import write_hf_tokenizer  # noqa: E402
+from titanlite.data.tokenizer import build_tokenizer  # noqa: E402
 
 
 def main() -> None:

@@ -1,11 +1,17 @@
-"""Train the small byte-level BPE shipped as titanlite/assets/default.tiktoken.
+"""Train a byte-level BPE: on your own text (a real tokenizer, offline), or the one shipped for the default corpus.
 
-    python scripts/train_tokenizer.py [--vocab-size 2000] [--num-documents 10000]
+    python scripts/train_tokenizer.py --files 'my_text/**/*.txt' --vocab-size 16000 --output-dir my_tokenizer
+    python scripts/train_tokenizer.py [--vocab-size 2000] [--num-documents 10000]   # titanlite/data/assets/default.tiktoken
 
-Trains on the generated corpus (titanlite/corpus.py) with the GPT-4 / Llama 3 pre-tokenization
-split and writes the standard tiktoken BPE format (`base64(token bytes) rank` per line, as in
-Llama 3's tokenizer.model). Ranks 0..255 are the single bytes; merged tokens follow in the order
-they were learned, which is the merge priority tiktoken applies when encoding.
+With --files (any data source titanlite.prepare reads: a file, a folder, a glob of .txt, .jsonl,
+.json or .parquet), it writes `tokenizer.json` and `tokenizer_config.json` to --output-dir: set
+`tokenizer.path = "my_tokenizer/tokenizer.json"` (Llama 3's 256 special tokens follow the ranks;
+<|end_of_text|> ends each document). Without it, it trains on the generated corpus
+(titanlite/data/corpus.py) and writes the shipped default, in tiktoken's BPE format
+(`base64(token bytes) rank` per line, as in Llama 3's tokenizer.model). Either way the split is
+GPT-4's / Llama 3's; ranks 0..255 are the single bytes, and merged tokens follow in the order they
+were learned, which is the merge priority tiktoken applies when encoding. Training is plain
+Python: about a minute for a few MB of text and 16k merges.
 """
 
 import argparse
@@ -21,8 +27,11 @@ import regex
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from titanlite.corpus import DEFAULT_CORPUS_SEED, generate_documents  # noqa: E402
-from titanlite.tokenizer import DEFAULT_TOKENIZER_FILE, PAT_STR  # noqa: E402
+from titanlite.data.corpus import DEFAULT_CORPUS_SEED, generate_documents  # noqa: E402
+from titanlite.data.documents import DataError, Settings, document_problem, iter_texts, resolve_files  # noqa: E402
+from titanlite.data.hf_tokenizer import BytePairEncoding, write_hf_tokenizer  # noqa: E402
+from titanlite.data.tokenizer import (BEGIN_OF_TEXT, DEFAULT_TOKENIZER_FILE, END_OF_TEXT,  # noqa: E402
+                                      LLAMA3_NUM_SPECIAL_TOKENS, PAT_STR, llama3_special_tokens)
 
 
 def count_pretokens(documents: list[str]) -> Counter:
@@ -83,20 +92,60 @@ def write_tiktoken_bpe(ranks: dict[bytes, int], path: Path) -> None:
     path.write_text("".join(lines), encoding="ascii")
 
 
+def read_documents(source: str, text_field: str, cache_dir: Path) -> list[str]:
+    """Every document of `source` (files as titanlite.prepare reads them); DataError for an empty or bad one."""
+    settings = Settings(source=source, files=resolve_files(source, "--files"), hub_config=None, split="train",
+                        text_field=text_field, tokenizer="", tokenizer_fingerprint="", seq_len=0, rows_per_shard=0,
+                        skip_bad_documents=False, max_documents=0)
+    documents = []
+    for where, row, text in iter_texts(settings, cache_dir):
+        if problem := document_problem(text):
+            raise DataError(f"{where} document {row + 1}: {problem}: remove or fix it")
+        documents.append(text)
+    if not documents:
+        raise DataError(f"--files {source}: no documents")
+    return documents
+
+
+def write_tokenizer_json(ranks: dict[bytes, int], out_dir: Path) -> None:
+    """tokenizer.json + tokenizer_config.json: the ranks, GPT-4's split, Llama 3's special tokens after the ranks."""
+    specials = {name: len(ranks) + i for i, name in enumerate(llama3_special_tokens(LLAMA3_NUM_SPECIAL_TOKENS))}
+    write_hf_tokenizer(BytePairEncoding(ranks, PAT_STR, specials, BEGIN_OF_TEXT, END_OF_TEXT), out_dir,
+                       model_max_length=1 << 20)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--files", default=None, help="your text: a file, folder or glob (.txt, .jsonl, .json, .parquet)")
+    parser.add_argument("--text-field", default="text", help="--files rows: the column holding the text")
+    parser.add_argument("--output-dir", type=Path, default=None, help="--files: where tokenizer.json goes")
     parser.add_argument("--vocab-size", type=int, default=2000,
                         help="BPE ranks including the 256 single bytes (special tokens excluded)")
-    parser.add_argument("--num-documents", type=int, default=10000)
+    parser.add_argument("--num-documents", type=int, default=10000, help="without --files: generated documents")
     parser.add_argument("--seed", type=int, default=DEFAULT_CORPUS_SEED)
-    parser.add_argument("--output", type=Path, default=DEFAULT_TOKENIZER_FILE)
+    parser.add_argument("--output", type=Path, default=DEFAULT_TOKENIZER_FILE, help="without --files: the .tiktoken file")
     args = parser.parse_args()
+    if args.vocab_size < 257:
+        parser.error(f"--vocab-size {args.vocab_size}: must be > 256 (the single bytes come first)")
+    if (args.files is None) != (args.output_dir is None):
+        parser.error("--files and --output-dir go together: your text in, tokenizer.json out")
 
     start = time.perf_counter()
-    documents = generate_documents(args.num_documents, seed=args.seed)
-    ranks = train_bpe(count_pretokens(documents), args.vocab_size)
-    write_tiktoken_bpe(ranks, args.output)
-    print(f"wrote {len(ranks)} ranks to {args.output} ({args.output.stat().st_size} bytes) "
+    if args.files:
+        try:
+            documents = read_documents(args.files, args.text_field, args.output_dir / ".cache")
+        except DataError as error:
+            print(f"train_tokenizer: error: {error}", file=sys.stderr)
+            sys.exit(2)
+        ranks = train_bpe(count_pretokens(documents), args.vocab_size)
+        write_tokenizer_json(ranks, args.output_dir)
+        written = args.output_dir / "tokenizer.json"
+    else:
+        documents = generate_documents(args.num_documents, seed=args.seed)
+        ranks = train_bpe(count_pretokens(documents), args.vocab_size)
+        write_tiktoken_bpe(ranks, args.output)
+        written = args.output
+    print(f"wrote {len(ranks)} ranks to {written} ({written.stat().st_size} bytes) "
           f"from {len(documents)} documents in {time.perf_counter() - start:.1f} s")
 
 

@@ -2,21 +2,20 @@
 
 import base64
 import json
-import re
 import math
+import re
 
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from titanlite.checkpoint import load_model_weights, save_model_checkpoint
-from titanlite.config import load_config
-from titanlite.config import config_from_dict
+from titanlite.checkpoint.weights import load_model_weights, save_model_checkpoint
+from titanlite.config.load import config_from_dict, load_config
 from titanlite.convert import ConvertError, export_to_hf, import_from_hf, main
-from titanlite.hf_tokenizer import write_hf_tokenizer
-from titanlite.model import build_model
-from titanlite.tokenizer import build_tokenizer
+from titanlite.data.hf_tokenizer import write_hf_tokenizer
+from titanlite.data.tokenizer import build_tokenizer
+from titanlite.model.transformer import build_model
 
 transformers = pytest.importorskip("transformers")
 

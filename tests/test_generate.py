@@ -11,14 +11,14 @@ import torch
 from conftest import tiny_config
 from distributed import run_distributed
 
-from titanlite.checkpoint import save_model_checkpoint
-from titanlite.attention import document_mask
-from titanlite.data import make_batch
+from titanlite.checkpoint.weights import save_model_checkpoint
+from titanlite.config.settings import Model as ModelConfig
+from titanlite.data.loader import make_batch
+from titanlite.data.tokenizer import build_tokenizer
 from titanlite.generate import choose_token, document_prompt, generate, load_model, main, nucleus_mask
-from titanlite.kv_cache import KVCache
-from titanlite.model import build_model
-from titanlite.settings import Model as ModelConfig
-from titanlite.tokenizer import build_tokenizer
+from titanlite.model.attention import document_mask
+from titanlite.model.kv_cache import KVCache
+from titanlite.model.transformer import build_model
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = [3, 17, 60, 41, 88, 5]
@@ -91,7 +91,11 @@ def test_cache_takes_several_new_tokens_after_the_first_chunk():
     with torch.no_grad():
         reference = model(tokens)
         cache = KVCache(model.config, 2, 13, torch.float32, "cpu")
-        chunks = [model(tokens[:, start:end], cache=cache) for start, end in ((0, 5), (5, 8), (8, 9), (9, 13))]
+        chunks = []
+        with cache.attached(model):
+            for start, end in ((0, 5), (5, 8), (8, 9), (9, 13)):
+                chunks.append(model(tokens[:, start:end], positions=cache.positions(end - start).expand(2, -1)))
+                cache.advance(end - start)
     assert cache.length == 13
     torch.testing.assert_close(torch.cat(chunks, dim=1), reference, rtol=0, atol=1e-5)
 
@@ -141,22 +145,25 @@ def test_top_p_one_keeps_every_token_and_temperature_zero_is_argmax():
 def _fsdp_checkpoint_then_greedy(folder: str, prompt: list[int], steps: int) -> list[int]:
     """Train 4 steps under FSDP on 2 ranks (saving step 4), load that checkpoint into a fresh FSDP model
     and generate greedily with the sharded model, recomputing the whole sequence each step."""
-    from titanlite.checkpoint import Checkpointer, TrainState
-    from titanlite.resolve import resolve
-    from titanlite.parallelize import ParallelDims, parallelize
+    from titanlite.checkpoint.checkpointer import Checkpointer
+    from titanlite.checkpoint.states import TrainState
+    from titanlite.config.resolve import resolve
+    from titanlite.parallel.mesh import ParallelDims
+    from titanlite.parallel.parallelize import parallelize
     from titanlite.train import train
 
     config = tiny_config(folder, "--training.steps", "4", "--checkpoint.enable", "true",
                          "--checkpoint.interval", "4")
     train(config)
     run = resolve(config, 2, config.model.vocab_size)
-    dims = ParallelDims.from_run(run)
-    dims.build_mesh("cpu")
+    dims = ParallelDims.build(run.layout, "cpu")
     model = build_model(run.config.model, run.config.training.seq_len, device="meta")
-    parallelize(model, dims, run.config, param_dtype=torch.float32)
+    config = run.config
+    parallelize(model, dims, config.parallelism, config.activation_checkpoint, False, config.float8, torch.float32)
     model.to_empty(device="cpu")
     model.init_rope()
-    Checkpointer(run.config, dims, folder, {"model": model, "train_state": TrainState()}).load(
+    Checkpointer(config.checkpoint, Path(folder), {"model": model, "train_state": TrainState()}, run.to_dict(),
+                 run.layout).load(
         Path(folder) / "checkpoint" / "step-00000004")
     generated, _ = greedy_by_recomputation(model, prompt, steps)
     return generated

@@ -5,10 +5,12 @@ import math
 
 import pytest
 
-from titanlite.config import load_config
-from titanlite.memory_estimate import Layout, count_parameters, estimate_memory
-from titanlite.model import build_model
-from titanlite.plan import compare_layouts, expected_peak_lr, flops_per_token, main, plan
+from titanlite.config.load import load_config
+from titanlite.config.resolve import Layout
+from titanlite.model.size import count_parameters, flops_per_token
+from titanlite.model.transformer import build_model
+from titanlite.parallel.memory import estimate_memory
+from titanlite.plan import compare_layouts, expected_peak_lr, main, plan
 
 RECIPES = [f"{size}_{context}" for size in ("3b", "7b", "13b") for context in ("4k", "8k")]
 
@@ -17,17 +19,19 @@ RECIPES = [f"{size}_{context}" for size in ("3b", "7b", "13b") for context in ("
 def test_counts_and_flops_equal_the_instantiated_model(name):
     config = load_config(f"{name}.toml")
     model = build_model(config.model, config.training.seq_len, device="meta")
-    counts = count_parameters(config)
-    assert counts.total == model.num_params()
-    assert counts.non_embedding == model.num_params(exclude_embedding=True)
+    counts = count_parameters(config.model)
+    built = sum(p.numel() for p in model.parameters())  # the module itself is the reference
+    assert counts.total == built
     assert counts.embedding == model.tok_embeddings.weight.numel()
+    assert counts.non_embedding == built - model.tok_embeddings.weight.numel()
     assert counts.per_block == sum(p.numel() for p in model.layers["0"].parameters())
-    assert flops_per_token(config) == model.flops_per_token(config.training.seq_len)
+    m, seq = config.model, config.training.seq_len
+    assert flops_per_token(m, seq) == 6 * (built - m.vocab_size * m.dim) + 12 * m.n_layers * m.dim * seq
 
 
 def test_lr_anchors_are_the_recipe_shapes():
-    assert count_parameters(load_config("7b_4k.toml")).non_embedding == 6_196_301_824
-    assert count_parameters(load_config("13b_4k.toml")).non_embedding == 11_667_133_440
+    assert count_parameters(load_config("7b_4k.toml").model).non_embedding == 6_196_301_824
+    assert count_parameters(load_config("13b_4k.toml").model).non_embedding == 11_667_133_440
     assert expected_peak_lr(3.9e9) == 3.0e-4
     assert expected_peak_lr(6_196_301_824) == pytest.approx(3.0e-4)
     assert expected_peak_lr(11_667_133_440) == pytest.approx(1.5e-4)
@@ -42,22 +46,22 @@ def test_recipes_plan_cleanly_at_64_gpus(name):
 
 def test_sharded_state_is_16_bytes_per_parameter_over_fsdp_x_tp():
     config = load_config("7b_4k.toml")
-    n = count_parameters(config).total
-    memory = estimate_memory(config, Layout(tensor=8, shard=8))
+    n = count_parameters(config.model).total
+    memory = estimate_memory(config, Layout(replicate=1, shard=8, tensor=8))
     assert memory.parameters == pytest.approx(4 * n / 64)
     assert memory.gradients == pytest.approx(4 * n / 64)
     assert memory.optimizer_state == pytest.approx(8 * n / 64)
-    hsdp = estimate_memory(config, Layout(tensor=1, shard=8, replicate=8))  # replicas do not shard
+    hsdp = estimate_memory(config, Layout(replicate=8, shard=8, tensor=1))  # replicas do not shard
     assert hsdp.optimizer_state == pytest.approx(8 * n / 8)
     offloaded = estimate_memory(load_config("7b_4k.toml", ["--parallelism.fsdp_cpu_offload", "true"]),
-                                Layout(tensor=8, shard=8))
+                                Layout(replicate=1, shard=8, tensor=8))
     assert offloaded.parameters == offloaded.gradients == offloaded.optimizer_state == 0
     assert offloaded.host_offloaded == pytest.approx(16 * n / 64)
 
 
 def test_activation_and_logit_terms_scale_as_they_must():
     config = load_config("7b_4k.toml", ["--activation_checkpoint.mode", "none"])
-    layout = Layout(tensor=8, shard=8)
+    layout = Layout(replicate=1, shard=8, tensor=8)
     base = estimate_memory(config, layout)
     double = estimate_memory(load_config("7b_4k.toml", ["--activation_checkpoint.mode", "none",
                                                         "--training.micro_batch_size", "8"]), layout)
@@ -112,7 +116,7 @@ def test_cli_prints_the_plan_and_rejects_bad_configs(capsys):
     assert exit_info.value.code == 2
 
 
-def test_readme_performance_table_is_generated_from_the_results():
+def test_performance_table_is_generated_from_the_results():
     import importlib.util
     from pathlib import Path
     root = Path(__file__).resolve().parent.parent
@@ -121,5 +125,5 @@ def test_readme_performance_table_is_generated_from_the_results():
     spec.loader.exec_module(module)
     cases = module.read_cases()
     assert any(case["framework"] == "torchtitan" for _, case in cases)  # side by side, not titanlite alone
-    readme = (root / "README.md").read_text()
-    assert module.readme_with_table(readme, cases) == readme, "run: python bench/perf_table.py --write"
+    doc = (root / "docs" / "performance.md").read_text()
+    assert module.doc_with_table(doc, cases) == doc, "run: python bench/perf_table.py --write"

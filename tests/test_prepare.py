@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from titanlite import prepare as prep
-from titanlite.corpus import generate_documents
-from titanlite.documents import DataError, resolve_files, tokenize_chunk
-from titanlite.tokenizer import build_tokenizer
+from titanlite.data.corpus import generate_documents
+from titanlite.data.documents import DataError, resolve_files, tokenize_chunk
+from titanlite.data.tokenizer import build_tokenizer
 
 SEQ_LEN = 32
 

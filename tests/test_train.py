@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from titanlite.config import load_config
-from titanlite.loss import IGNORE_INDEX
-from titanlite.model import build_model
-from titanlite.settings import Model as ModelConfig
+from titanlite.config.load import load_config
+from titanlite.config.settings import Model as ModelConfig
+from titanlite.model.loss import IGNORE_INDEX
+from titanlite.model.transformer import build_model
 from titanlite.train import train, train_step
 
 

@@ -5,18 +5,15 @@
     python -m titanlite.convert seed    OUT_FOLDER --config NAME [--section.key value ...]
 
 to-hf writes what `LlamaForCausalLM` and `AutoTokenizer.from_pretrained` load: config.json (both
-RoPE layouts, bos/eos ids; titanlite/hf_config.py), generation_config.json, safetensors (sharded
+RoPE layouts, bos/eos ids; titanlite/checkpoint/hf_config.py), generation_config.json, safetensors (sharded
 with model.safetensors.index.json when large) with HF parameter names, and the tokenizer as
-tokenizer.json + tokenizer_config.json (titanlite/hf_tokenizer.py). from-hf and seed write a
+tokenizer.json + tokenizer_config.json (titanlite/data/hf_tokenizer.py). from-hf and seed write a
 model-only titanlite checkpoint OUT_FOLDER/step-00000000 for `checkpoint.initial_load_path`;
 from-hf also points tokenizer.path at the folder's tokenizer.json when there is one. A seed
 checkpoint is initialized by one process on the CPU, so every parallel layout starts from the
 same weights.
 
-RoPE layout: titanlite rotates interleaved pairs (x[2i], x[2i+1]) (the original LLaMA code);
-HF's LlamaAttention rotates halves (x[i], x[i + head_dim/2]). Attention scores are unchanged if
-the rows of wq and wk are permuted within each head: pair i component j moves to row
-j * head_dim/2 + i. The permutation only moves values, so a round trip is bitwise exact.
+The weights' names and RoPE layout: titanlite/checkpoint/hf.py.
 """
 
 from __future__ import annotations
@@ -31,102 +28,17 @@ from huggingface_hub import save_torch_state_dict
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from titanlite.checkpoint import CheckpointError, load_model_weights, save_model_checkpoint
-from titanlite.config import config_from_dict, load_config, validate
-from titanlite.hf_config import HFConfigError, apply_hf_config, hf_config
-from titanlite.hf_tokenizer import write_hf_tokenizer
-from titanlite.resolve import concrete_config
-from titanlite.settings import Config, ConfigError
-from titanlite.tokenizer import TokenizerError, build_tokenizer
+from titanlite.checkpoint.hf import ConvertError, from_hf_state, to_hf_state
+from titanlite.checkpoint.hf_config import HFConfigError, apply_hf_config, hf_config
+from titanlite.checkpoint.storage import CheckpointError
+from titanlite.checkpoint.weights import load_model_weights, save_model_checkpoint
+from titanlite.config.load import config_from_dict, load_config, validate
+from titanlite.config.resolve import concrete_config
+from titanlite.config.settings import Config, ConfigError
+from titanlite.data.hf_tokenizer import write_hf_tokenizer
+from titanlite.data.tokenizer import TokenizerError, build_tokenizer
+from titanlite.model.transformer import build_model
 
-# titanlite name -> HF name; {i} is the block index.
-HF_NAMES = {
-    "tok_embeddings.weight": "model.embed_tokens.weight",
-    "norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-    "layers.{i}.attention.wq.weight": "model.layers.{i}.self_attn.q_proj.weight",
-    "layers.{i}.attention.wk.weight": "model.layers.{i}.self_attn.k_proj.weight",
-    "layers.{i}.attention.wv.weight": "model.layers.{i}.self_attn.v_proj.weight",
-    "layers.{i}.attention.wo.weight": "model.layers.{i}.self_attn.o_proj.weight",
-    "layers.{i}.feed_forward.w1.weight": "model.layers.{i}.mlp.gate_proj.weight",
-    "layers.{i}.feed_forward.w3.weight": "model.layers.{i}.mlp.up_proj.weight",
-    "layers.{i}.feed_forward.w2.weight": "model.layers.{i}.mlp.down_proj.weight",
-    "layers.{i}.attention_norm.weight": "model.layers.{i}.input_layernorm.weight",
-    "layers.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
-}
-
-
-class ConvertError(ValueError):
-    """Input that cannot be converted; the message names the file and the problem."""
-
-
-# --- RoPE layout and names -------------------------------------------------------------------
-
-def interleaved_to_halves(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Rows of wq/wk (n_heads * head_dim, dim): pair i component j -> row j * head_dim/2 + i, per head."""
-    rows, columns = weight.shape
-    return weight.view(n_heads, rows // n_heads // 2, 2, columns).transpose(1, 2).reshape(rows, columns)
-
-
-def halves_to_interleaved(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
-    rows, columns = weight.shape
-    return weight.view(n_heads, 2, rows // n_heads // 2, columns).transpose(1, 2).reshape(rows, columns)
-
-
-def name_map(n_layers: int) -> dict[str, str]:
-    """Every titanlite parameter name -> its HF name."""
-    mapping = {}
-    for ours, theirs in HF_NAMES.items():
-        for i in range(n_layers) if "{i}" in ours else [None]:
-            mapping[ours.format(i=i)] = theirs.format(i=i)
-    return mapping
-
-
-def to_hf_state(weights: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
-    mapping = name_map(model.n_layers)
-    if set(weights) != set(mapping):
-        raise ConvertError(f"checkpoint parameters do not match model.n_layers={model.n_layers}: unexpected "
-                           f"{sorted(set(weights) - set(mapping))[:3]}, missing {sorted(set(mapping) - set(weights))[:3]}")
-    state = {}
-    for ours, theirs in mapping.items():
-        tensor = weights[ours]
-        if ours.endswith("attention.wq.weight"):
-            tensor = interleaved_to_halves(tensor, model.n_heads)
-        elif ours.endswith("attention.wk.weight"):
-            tensor = interleaved_to_halves(tensor, model.n_kv_heads)
-        state[theirs] = tensor.contiguous()
-    return state
-
-
-def from_hf_state(hf: dict[str, torch.Tensor], model, tied: bool, source: Path) -> dict[str, torch.Tensor]:
-    """titanlite weights from HF tensors; `tied`: the head is the embedding (HF ignores a stored lm_head then)."""
-    from titanlite.model import build_model
-
-    hf = dict(hf)
-    if tied and "model.embed_tokens.weight" in hf:
-        hf["lm_head.weight"] = hf["model.embed_tokens.weight"]
-    shapes = {name: tensor.shape for name, tensor in build_model(model, 1).state_dict().items()}  # meta: no memory
-    weights = {}
-    for ours, theirs in name_map(model.n_layers).items():
-        if theirs not in hf:
-            raise ConvertError(f"{source}: no tensor {theirs!r} (needed for {ours})")
-        tensor = hf.pop(theirs)
-        if tensor.shape != shapes[ours]:
-            raise ConvertError(f"{source}: {theirs} has shape {list(tensor.shape)}, config.json implies "
-                               f"{list(shapes[ours])}")
-        if ours.endswith("attention.wq.weight"):
-            tensor = halves_to_interleaved(tensor, model.n_heads)
-        elif ours.endswith("attention.wk.weight"):
-            tensor = halves_to_interleaved(tensor, model.n_kv_heads)
-        weights[ours] = tensor.clone(memory_format=torch.contiguous_format)  # tied: its own copy
-    leftovers = [name for name in hf if not name.endswith("rotary_emb.inv_freq")]
-    if leftovers:
-        raise ConvertError(f"{source}: tensors titanlite has no place for (biases? another architecture?): "
-                           f"{leftovers[:5]}")
-    return weights
-
-
-# --- commands --------------------------------------------------------------------------------
 
 def export_to_hf(checkpoint: Path, out_dir: Path, dtype: torch.dtype | None = None,
                  max_shard_bytes: int = 5 * 2**30, tokenizer_path: str | None = None) -> Path:
@@ -216,9 +128,6 @@ def import_from_hf(hf_dir: Path, out_folder: Path, config: Config) -> Path:
 
 def write_seed_checkpoint(config: Config, out_folder: Path) -> Path:
     """Initialize the full model on the CPU in this one process and save it as step 0 (model only)."""
-    from titanlite.model import build_model
-    from titanlite.tokenizer import build_tokenizer
-
     config = concrete_config(config, build_tokenizer(config.tokenizer.path).vocab_size)
     model = build_model(config.model, config.training.seq_len, device="cpu")
     model.init_weights(seed=config.training.seed)

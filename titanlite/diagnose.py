@@ -1,185 +1,28 @@
 """`python -m titanlite.diagnose RUN_DIR`: a verdict on a run in the recipe's terms, and plots.
 
-Reads <run>/metrics.jsonl (one record per log step) and <run>/health.jsonl (the events the
-trainer found, from every step). Prints one line per finding with the recipe's action:
-    healthy | spikes at steps ... | plateau since step ... | diverged at step ... |
-    grad norm far above grad_clip | data bound | MFU low
-and writes PNG plots to <run>/diagnose/ (titanlite/diagnose_plots.py: loss on log-log axes with
-the events marked, grad norm against grad_clip, LR, throughput and MFU, data wait, and all of them
-in overview.png; abandoned steps of a rollback or resume drawn apart). Plots need matplotlib
-(`pip install titanlite[plot]`); without it the text verdict still works.
-
-Runs without health.jsonl (health off, or another trainer's metrics) are judged by replaying the
-logged losses through the same detectors, with their windows scaled to the log interval.
+The findings come from titanlite/health/diagnose.py, the plots from titanlite/health/plots.py
+(PNGs in <run>/diagnose/; they need matplotlib: `pip install titanlite[plot]`).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import sys
-from dataclasses import replace
 from pathlib import Path
 
-from titanlite.health_detectors import Detectors, Event
-from titanlite.settings import Health
-
-ADVICE = {
-    "overfit": "the model fits the training data better than held-out data: more (or more varied) data, fewer "
-               "epochs over it, check that validation.source is held out and drawn like the training data",
-    "spike": "if rare, ignore; if frequent, lower the LR or fix data cleaning. Early spikes (first ~1k steps) "
-             "are a strong signal: inspect the captured batches in spikes/ (90% are data problems), consider "
-             "a longer warmup or a lower initial LR",
-    "plateau": "check the LR schedule (decayed too fast or too low?), consider an LR restart, check the data "
-               "mix (is a high-quality source exhausted?)",
-    "divergence": "stop, roll back to the last good checkpoint, lower the LR sharply (halve it), and inspect the "
-                  "code (RoPE scaling, precision) and the data",
-    "grad_norm": "the pre-clip grad norm is often far above grad_clip: the LR is too high; lower it",
-    "data": "the device waits for data: raise data.num_workers, keep data.pin_memory on, look for GIL-bound "
-            "preprocessing, check the storage's read throughput",
-    "mfu": "profile a few steps (profiling.enable_profiling=true) and look for the bottleneck: data loading, "
-           "all-reduce/all-gather, or the optimizer step (CPU offload)",
-}
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    records = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                print(f"titanlite.diagnose: {path}:{number} is not JSON; skipped", file=sys.stderr)
-    return records
-
-
-def replay_events(records: list[dict], settings: Health, grad_clip: float, warmup_steps: int) -> list[Event]:
-    """Run the detectors over the logged steps; windows counted in steps become windows of log records."""
-    steps = [r["step"] for r in records]
-    spacing = max(1, round((steps[-1] - steps[0]) / max(1, len(steps) - 1))) if len(steps) > 1 else 1
-    scaled = replace(settings,
-                     spike_window=max(8, settings.spike_window // spacing),
-                     spike_min_history=max(4, settings.spike_min_history // spacing),
-                     divergence_window=max(5, settings.divergence_window // spacing),
-                     grad_norm_window=max(5, settings.grad_norm_window // spacing))
-    detectors = Detectors(scaled, grad_clip, warmup_steps)
-    events = []
-    for record in records:
-        events += detectors.observe(record["step"], float(record["loss"]), float(record.get("grad_norm", math.nan)))
-    return events
-
-
-def run_settings(run: Path) -> tuple[Health, float, int, float, float]:
-    """[health], grad_clip, warmup steps, data-wait and MFU thresholds from the run's resolved config.json."""
-    config = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
-    known = {key: value for key, value in config.get("health", {}).items() if key in Health.__dataclass_fields__}
-    warmup = config.get("derived", {}).get("warmup_steps", 0)
-    wait = config.get("metrics", {}).get("data_wait_warn_fraction", 0.05)
-    return Health(**known), config.get("training", {}).get("grad_clip", 1.0), warmup, wait, 30.0
-
-
-def diagnose(run: Path) -> tuple[list[str], list[Event]]:
-    """(verdict lines, events) for the run folder."""
-    records = [r for r in read_jsonl(run / "metrics.jsonl") if "step" in r and "loss" in r]
-    if not records:
-        raise FileNotFoundError(f"{run / 'metrics.jsonl'} is missing or empty: is {run} a titanlite run folder "
-                                "(job.dump_folder) with metrics.enable_jsonl on?")
-    settings, grad_clip, warmup, wait_limit, mfu_limit = run_settings(run)
-    logged = read_jsonl(run / "health.jsonl")
-    if logged:
-        events = [Event(e["step"], e["signal"], e["message"], e.get("start_step", e["step"]), e.get("value", math.nan))
-                  for e in logged]
-    else:
-        events = replay_events(records, settings, grad_clip, warmup)
-    lines = []
-    by_signal = {signal: [e for e in events if e.signal == signal] for signal in ("spike", "plateau", "divergence",
-                                                                                  "grad_norm")}
-    if by_signal["divergence"]:
-        first = by_signal["divergence"][0]
-        lines.append(f"diverged at step {first.step} ({first.message}) -> {ADVICE['divergence']}")
-        lines += rollback_lines(records, logged, settings)
-    if by_signal["spike"]:
-        steps = [e.step for e in by_signal["spike"]]
-        early = [s for s in steps if s <= settings.early_steps]
-        shown = ", ".join(map(str, steps[:20])) + (" ..." if len(steps) > 20 else "")
-        lines.append(f"spikes at steps {shown}" + (f" ({len(early)} in the early phase)" if early else "")
-                     + f" -> {ADVICE['spike']}")
-    if by_signal["plateau"]:
-        first = by_signal["plateau"][0]
-        lines.append(f"plateau since step {first.start_step} ({first.message}) -> {ADVICE['plateau']}")
-    if by_signal["grad_norm"]:
-        lines.append(f"grad norm far above grad_clip from step {by_signal['grad_norm'][0].start_step} -> "
-                     f"{ADVICE['grad_norm']}")
-    steady = records[len(records) // 4:] or records  # skip start-up (compile, warm caches)
-    wait = median([r.get("data_wait_fraction") for r in steady])
-    if wait is not None and wait > wait_limit:
-        lines.append(f"data bound: the loader takes {wait:.0%} of each step (median) -> {ADVICE['data']}")
-    mfu = median([r.get("mfu_percent") for r in steady])
-    if mfu is not None and mfu < mfu_limit:
-        lines.append(f"MFU low: {mfu:.1f}% (median; 50-60% is excellent for a 7B on H100) -> {ADVICE['mfu']}")
-    lines += validation_lines(records)
-    overflow = records[-1].get("overflow_steps", 0)
-    if overflow:
-        lines.append(f"note: {overflow} step(s) skipped for non-finite gradients; occasional is fine, growth is not")
-    if not any(line for line in lines if not line.startswith(("note", "  "))):
-        lines.insert(0, f"healthy: loss {records[0]['loss']:.4g} -> {records[-1]['loss']:.4g} over steps "
-                        f"{records[0]['step']}..{records[-1]['step']}, no spikes, plateau or divergence")
-    return lines, events
-
-
-def validation_lines(records: list[dict], rising_evaluations: int = 3, gap_ratio: float = 1.1) -> list[str]:
-    """The train/val verdict: overfitting (val loss up `rising_evaluations` times in a row while the
-    training loss falls), a wide gap (val above `gap_ratio` x train at the last evaluation), or the gap."""
-    evaluated = [r for r in records if isinstance(r.get("val_loss"), (int, float)) and math.isfinite(r["val_loss"])]
-    if not evaluated:
-        return []
-    last = evaluated[-1]
-    recent = evaluated[-(rising_evaluations + 1):]
-    rising = len(recent) == rising_evaluations + 1 and all(a["val_loss"] < b["val_loss"] for a, b in zip(recent, recent[1:]))
-    if rising and recent[-1]["loss"] < recent[0]["loss"]:
-        return [f"overfitting: val_loss rose at each of the last {rising_evaluations} evaluations "
-                f"({recent[0]['val_loss']:.4g} at step {recent[0]['step']} -> {last['val_loss']:.4g} at step "
-                f"{last['step']}) while the training loss fell -> {ADVICE['overfit']}"]
-    gap = f"val_loss {last['val_loss']:.4g} vs training loss {last['loss']:.4g} at step {last['step']}"
-    if last["val_loss"] > gap_ratio * last["loss"]:
-        return [f"train/val gap: {gap} -> {ADVICE['overfit']}"]
-    return [f"note: {gap}"]
-
-
-def rollback_lines(records: list[dict], logged: list[dict], settings: Health) -> list[str]:
-    """What the trainer did about it: the rollbacks it made (the health monitor's count, logged with
-    every record), and a rollback it was asked for but could not make (the run then stopped)."""
-    done = max((int(r.get("rollbacks", 0)) for r in records), default=0)
-    decided = any("verdict" in e for e in logged)  # one per check; older runs logged only each event's action
-    asked = [e for e in logged if (e.get("verdict") if decided else e.get("action")) == "rollback"]
-    lines = []
-    if done:
-        lines.append(f"  the trainer rolled back {done} time(s); LR scale now {records[-1].get('lr_scale', 'n/a')}")
-    if len(asked) > done:
-        why = (f"health.max_rollbacks={settings.max_rollbacks} were used up" if done >= settings.max_rollbacks
-               else f"no checkpoint predates step {asked[-1].get('start_step', asked[-1]['step'])}")
-        lines.append(f"  no rollback for the {asked[-1]['signal']} at step {asked[-1]['step']} ({why}): the run "
-                     f"stopped after step {records[-1]['step']}")
-    return lines
-
-
-def median(values) -> float | None:
-    values = sorted(v for v in values if isinstance(v, (int, float)) and math.isfinite(v))
-    return values[len(values) // 2] if values else None
+from titanlite.health.detectors import Event
+from titanlite.health.diagnose import diagnose, read_jsonl, run_settings
 
 
 def write_plots(run: Path, events: list[Event], dpi: int = 100) -> list[Path]:
-    """PNG plots in <run>/diagnose/ (titanlite/diagnose_plots.py); [] when matplotlib is missing."""
+    """PNG plots in <run>/diagnose/ (titanlite/health/plots.py); [] when matplotlib is missing."""
     try:
         import matplotlib  # noqa: F401  (the optional plot extra)
     except ImportError:
         print("titanlite.diagnose: matplotlib is not installed, no plots (pip install 'titanlite[plot]')",
               file=sys.stderr)
         return []
-    from titanlite.diagnose_plots import write_plots as write_panels
+    from titanlite.health.plots import write_plots as write_panels
 
     _, grad_clip, _, wait_limit, _ = run_settings(run)
     return write_panels(run / "diagnose", read_jsonl(run / "metrics.jsonl"), events, grad_clip, wait_limit, dpi)

@@ -24,13 +24,15 @@ from typing import Iterator
 
 import torch
 
-from titanlite.checkpoint_files import STEP_FOLDER, CheckpointError, load_model_weights, read_checkpoint
-from titanlite.config import config_from_dict
-from titanlite.kv_cache import KVCache
-from titanlite.model import Transformer, build_model
-from titanlite.rope import rope_tables
-from titanlite.settings import ConfigError
-from titanlite.tokenizer import TokenizerError, build_tokenizer
+from titanlite.checkpoint.folders import STEP_FOLDER, read_checkpoint
+from titanlite.checkpoint.storage import CheckpointError
+from titanlite.checkpoint.weights import load_model_weights
+from titanlite.config.load import config_from_dict
+from titanlite.config.settings import ConfigError
+from titanlite.data.tokenizer import TokenizerError, build_tokenizer
+from titanlite.model.kv_cache import KVCache
+from titanlite.model.rope import rope_tables
+from titanlite.model.transformer import Transformer, build_model
 
 
 class GenerateError(ValueError):
@@ -78,13 +80,15 @@ def generate(model: Transformer, prompt: list[int], max_new_tokens: int, tempera
     device = model.tok_embeddings.weight.device
     cache = KVCache(model.config, 1, len(prompt) + max_new_tokens, model.tok_embeddings.weight.dtype, device)
     tokens = torch.tensor([prompt], dtype=torch.long, device=device)
-    for _ in range(max_new_tokens):
-        logits = model(tokens, cache=cache)[0, -1, :vocab_size].float()
-        token = choose_token(logits, temperature, top_p, generator)  # host sync: one per token, for the stop test
-        yield token, logits
-        if token == stop_id:
-            return
-        tokens = torch.tensor([[token]], dtype=torch.long, device=device)
+    with cache.attached(model):
+        for _ in range(max_new_tokens):
+            logits = model(tokens, positions=cache.positions(tokens.shape[1]))[0, -1, :vocab_size].float()
+            cache.advance(tokens.shape[1])
+            token = choose_token(logits, temperature, top_p, generator)  # host sync: one per token, for the stop test
+            yield token, logits
+            if token == stop_id:
+                return
+            tokens = torch.tensor([[token]], dtype=torch.long, device=device)
 
 
 # --- loading

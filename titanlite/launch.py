@@ -18,35 +18,21 @@ Three steps, chosen so that every failure reads as one titanlite line with its e
    command: the command wraps a failed worker in a ~25-line ChildFailedError traceback and exit
    status 1. Here the failure is caught and mapped back: the exit code is the failed rank's, and
    its message is the one line the trainer left in torch elastic's per-worker error file
-   (TORCHELASTIC_ERROR_FILE, see `report_to_launcher`), printed when that rank's output is not
+   (TORCHELASTIC_ERROR_FILE, see job/exits.py), printed when that rank's output is not
    already on screen. A failure that is not titanlite's (a crash, a signal) keeps torchrun's summary.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 
-from titanlite.config import load_config
-from titanlite.settings import ConfigError
+from titanlite.config.load import load_config
+from titanlite.config.settings import ConfigError
 
 PASS_THROUGH_FLAGS = ("-h", "--help", "--print-config")  # handled by titanlite.train itself, in one process
-
-
-def report_to_launcher(message: str) -> None:
-    """Under torchrun, leave the one-line `message` in torch elastic's error file for the launcher.
-
-    torchrun sets TORCHELASTIC_ERROR_FILE for every worker and reads it back when the worker fails
-    (a string "message" with a "timestamp" is its documented short form), so the launcher can show
-    the reason of a rank whose output is filtered out (LOG_RANK). Outside torchrun it does nothing.
-    """
-    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if path:
-        Path(path).write_text(json.dumps({"message": message, "timestamp": int(time.time())}))
 
 
 def split_config_argument(argv: list[str], config_file: str | None) -> tuple[str, list[str]]:

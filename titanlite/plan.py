@@ -4,7 +4,7 @@
     python -m titanlite.plan --config 7b_4k.toml --compare-layouts
     (any config key can be overridden: --training.micro_batch_size 2)
 
-The memory per GPU comes from titanlite/memory_estimate.py; the throughput from the
+The memory per GPU comes from titanlite/parallel/memory.py; the throughput from the
 measured costs of TP and activation checkpointing below.
 """
 
@@ -16,11 +16,11 @@ import json
 import math
 import sys
 
-from titanlite.config import load_config
-from titanlite.memory_estimate import (ESTIMATE_MARGIN, GIB, Layout, MemoryEstimate, count_parameters, estimate_memory,
-                                       fits_gpu)
-from titanlite.resolve import Run, data_parallel_shape, resolve, uses_float8_all_gather
-from titanlite.settings import Config, ConfigError
+from titanlite.config.load import load_config
+from titanlite.config.resolve import (Layout, Run, data_parallel_shape, resolve, uses_float8_all_gather)
+from titanlite.config.settings import Config, ConfigError
+from titanlite.model.size import count_parameters, flops_per_token
+from titanlite.parallel.memory import (ESTIMATE_MARGIN, GIB, MemoryEstimate, estimate_memory, fits_gpu)
 
 # Measured on 4 x H100, torchtitan, the 7B shape: FSDP 4 gave 11,713 tokens/s/GPU and FSDP 2 x TP 2
 # gave 9,629. Each doubling of TP is assumed to cost the same factor again (not measured beyond 2).
@@ -37,15 +37,9 @@ def float8_summary(config: Config, fsdp_shard: int) -> str:
     """How the plan treats float8: 'off', or the recipe and what it changes in the estimate."""
     if not config.float8.enable:
         return "off"
-    gather = ", float8 all-gather" if uses_float8_all_gather(config, fsdp_shard) else ""
+    gather = ", float8 all-gather" if uses_float8_all_gather(config.float8, fsdp_shard) else ""
     return (f"{config.float8.recipe}{gather} (blocks' linears; FLOPs and MFU still counted against the bf16 "
             "peak; memory as bf16 but the gathered weights)")
-
-
-def flops_per_token(config: Config) -> int:
-    """6 N (matmul weights, embedding excluded) + 12 L H Q T attention; model.py's convention."""
-    m = config.model
-    return 6 * count_parameters(config).non_embedding + 12 * m.n_layers * m.dim * config.training.seq_len
 
 
 def relative_throughput(layout: Layout) -> float:
@@ -71,7 +65,7 @@ def check_warnings(config: Config, derived: Run | None, memory: MemoryEstimate, 
                    headroom_gib: float, derive_error: str | None) -> list[str]:
     """One line per problem, each naming the key to change."""
     warnings = []
-    counts = count_parameters(config)
+    counts = count_parameters(config.model)
     lr = config.optimizer.lr
     if counts.non_embedding >= 1e9:
         expected = expected_peak_lr(counts.non_embedding)
@@ -104,21 +98,20 @@ def check_warnings(config: Config, derived: Run | None, memory: MemoryEstimate, 
 def plan(config: Config, ngpu: int, peak_tflops: float = 989.0, mfu: float = 0.4, capacity_gib: float = 80.0,
          headroom_gib: float = 4.0) -> dict:
     """Everything the report prints, as a dict (tests and --json use it)."""
-    counts = count_parameters(config)
+    counts = count_parameters(config.model)
     derive_error, derived = None, None
     try:
         derived = resolve(config, ngpu, config.model.vocab_size, device_type="cuda")  # plans GPU runs
     except ConfigError as error:
         derive_error = str(error)
     try:
-        replicate, shard, tp = data_parallel_shape(config.parallelism, ngpu)
+        layout = data_parallel_shape(config.parallelism, ngpu)
     except ConfigError:
-        replicate, shard, tp = 1, max(1, ngpu // config.parallelism.tensor_parallel_degree), \
-            config.parallelism.tensor_parallel_degree
-    layout = Layout(tp, shard, replicate)
+        tp = config.parallelism.tensor_parallel_degree
+        layout = Layout(replicate=1, shard=max(1, ngpu // tp), tensor=tp)
     accum = derived.grad_accum_steps if derived else 1
     memory = estimate_memory(config, layout, accum)
-    per_token = flops_per_token(config)
+    per_token = flops_per_token(config.model, config.training.seq_len)
     tokens_per_gpu_s = mfu * peak_tflops * 1e12 / per_token
     total_tokens = derived.total_tokens if derived else config.training.total_tokens
     wall_s = total_tokens / (tokens_per_gpu_s * ngpu)
@@ -144,10 +137,10 @@ def candidate_layouts(ngpu: int) -> list[Layout]:
     for tp in (1, 2, 4, 8):
         if tp > min(ngpu, GPUS_PER_NODE) or ngpu % tp:
             continue
-        layouts.append(Layout(tp, ngpu // tp))
+        layouts.append(Layout(replicate=1, shard=ngpu // tp, tensor=tp))
         per_node = GPUS_PER_NODE // tp
         if ngpu > GPUS_PER_NODE and ngpu % GPUS_PER_NODE == 0 and per_node > 1:
-            layouts.append(Layout(tp, per_node, ngpu // GPUS_PER_NODE))
+            layouts.append(Layout(replicate=ngpu // GPUS_PER_NODE, shard=per_node, tensor=tp))
     return layouts
 
 

@@ -16,25 +16,36 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from titanlite.attention import choose_attention_head_dim
-from titanlite.checkpoint import CheckpointError, Checkpointer, TrainState
-from titanlite.config import config_differences, load_config
-from titanlite.data import DataError, build_dataloader, check_data_source, warn_if_data_bound
-from titanlite.float8 import refresh_float8_scales
-from titanlite.health import HealthMonitor, HealthStop, Verdict
-from titanlite.launch import report_to_launcher
-from titanlite.loss import batch_sample_losses, cross_entropy_per_sample, valid_tokens_per_sample
-from titanlite.metrics import (MetricLogger, check_dump_folder, init_logging, peak_flops_per_device, start_run_records,
-                               start_wandb)
-from titanlite.model import build_model
-from titanlite.optim import build_optimizer, learning_rate, set_learning_rate, step_unless_nonfinite
-from titanlite.parallelize import (ParallelDims, compile_loss, global_grad_norm, init_weights_layout_independent,
-                                   loss_context, parallelize)
-from titanlite.profiling import OutOfMemory, TrainingProfiler, report_oom
-from titanlite.resolve import Run, compute_dtype, render, resolve, world_size_from_env
-from titanlite.settings import Config, ConfigError, settings_help
-from titanlite.tokenizer import TokenizerError, build_tokenizer, default_tokenizer_warning
-from titanlite.validation import Validator
+from titanlite.checkpoint.checkpointer import Checkpointer
+from titanlite.checkpoint.states import TrainState
+from titanlite.checkpoint.storage import CheckpointError
+from titanlite.config.load import config_differences, load_config
+from titanlite.config.resolve import render, resolve, world_size_from_env
+from titanlite.config.settings import Config, ConfigError, settings_help
+from titanlite.data.documents import DataError
+from titanlite.data.loader import batch_maker, build_dataloader, warn_if_data_bound
+from titanlite.data.sources import build_rows, find_source
+from titanlite.data.tokenizer import (TokenizerError, build_tokenizer, default_tokenizer_warning)
+from titanlite.health.monitor import HealthMonitor, HealthStop, Verdict
+from titanlite.job.exits import report_to_launcher
+from titanlite.job.folder import check_dump_folder, start_run_records
+from titanlite.job.logs import init_logging
+from titanlite.metrics.logger import MetricLogger, peak_flops_per_device, start_wandb
+from titanlite.metrics.profiling import OutOfMemory, TrainingProfiler, report_oom
+from titanlite.metrics.validation import Validator, build_validation_rows
+from titanlite.model.attention import choose_attention_head_dim
+from titanlite.model.loss import (batch_sample_losses, cross_entropy_per_sample, valid_tokens_per_sample)
+from titanlite.model.size import count_parameters, flops_per_token
+from titanlite.model.transformer import build_model
+from titanlite.optim.optimizer import build_optimizer
+from titanlite.optim.schedule import learning_rate, set_learning_rate
+from titanlite.optim.step import global_grad_norm, step_unless_nonfinite
+from titanlite.parallel.compile import compile_loss
+from titanlite.parallel.float8 import refresh_float8_scales
+from titanlite.parallel.init import init_weights_layout_independent
+from titanlite.parallel.mesh import ParallelDims
+from titanlite.parallel.parallelize import parallelize
+from titanlite.parallel.tensor_parallel import loss_context
 
 logger = logging.getLogger("titanlite")
 
@@ -70,13 +81,13 @@ def train_step(model, optimizer, micro_batches: list[dict], global_valid_tokens:
 def global_count(local_count: torch.Tensor, dims: ParallelDims) -> torch.Tensor:
     """A count summed over the data-parallel ranks, as fp32 on device (no host sync)."""
     count = local_count.float()
-    if dims.data_parallel_mesh is not None:
-        dist.all_reduce(count, group=dims.data_parallel_mesh.get_group())
+    if dims.data_parallel_group is not None:
+        dist.all_reduce(count, group=dims.data_parallel_group)
     return count
 
 
-def resolve_device(config: Config) -> torch.device:
-    wanted = config.training.device
+def resolve_device(wanted: str) -> torch.device:
+    """training.device as a torch device: this process's GPU (LOCAL_RANK) or the CPU."""
     if wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise ConfigError("training.device='cuda' but no CUDA device is visible: set training.device=cpu")
@@ -93,14 +104,14 @@ def last_checkpoint_before(checkpointer: Checkpointer, step: int) -> Path | None
     return checkpointer.latest_complete(before_step=step)
 
 
-def roll_back(verdict: Verdict, health: HealthMonitor, checkpointer: Checkpointer, loader, run: Run):
+def roll_back(verdict: Verdict, health: HealthMonitor, checkpointer: Checkpointer, loader, grad_accum_steps: int):
     """Reload the last checkpoint before the trouble began; returns (its step, a data iterator there).
 
     The LR scale (health.lr_scale, read by the schedule) shrinks by health.rollback_lr_factor; with
     health.rollback_skip_data the batches that led to the failure are not replayed. Later checkpoints
     (saved after the trouble began) are moved aside, so that a restart does not resume into it.
     """
-    settings, cause = run.config.health, verdict.cause
+    settings, cause = health.settings, verdict.cause
     resume_from = last_checkpoint_before(checkpointer, verdict.trouble_start)
     if health.rollbacks >= settings.max_rollbacks or resume_from is None:
         why = (f"after {health.rollbacks} rollbacks (health.max_rollbacks={settings.max_rollbacks})"
@@ -114,7 +125,7 @@ def roll_back(verdict: Verdict, health: HealthMonitor, checkpointer: Checkpointe
                    step, resume_from, health.lr_scale, health.rollbacks, settings.max_rollbacks)
     data_iterator = iter(loader)  # at the checkpoint's data position
     if settings.rollback_skip_data:
-        for _ in range((cause.step - step) * run.grad_accum_steps):
+        for _ in range((cause.step - step) * grad_accum_steps):
             next(data_iterator)
     return step, data_iterator
 
@@ -138,26 +149,28 @@ def stop(verdict: Verdict, step: int, checkpointer: Checkpointer, dump_folder: P
                      f"{resume_advice(resume_from)}")
 
 
+def attention_head_dim_probe(device: torch.device):
+    """resolve()'s head-dim probe on `device`: the SDPA kernel check (model/attention.py)."""
+    return lambda model, tp, dtype: choose_attention_head_dim(model, tp, getattr(torch, dtype), device)
+
+
 def train(config: Config) -> list[dict]:
     """Run the configured training; returns the logged records (for tests and benchmarks)."""
     # --- set-up: processes, device, the resolved run, mesh
     world_size = world_size_from_env()
-    device = resolve_device(config)
+    device = resolve_device(config.training.device)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
     init_logging(rank)
     tokenizer = build_tokenizer(config.tokenizer.path)
-    if rank == 0 and (warning := default_tokenizer_warning(config)):
+    if rank == 0 and (warning := default_tokenizer_warning(config.tokenizer.path, config.data.source)):
         logger.warning(warning)
-    check_data_source(config, tokenizer)  # a missing or mismatched data.source stops the run before any work
-    dtype = getattr(torch, compute_dtype(config, device.type))
-    attention_head_dim = choose_attention_head_dim(  # never a silent fallback to the math kernel
-        config.model, config.parallelism.tensor_parallel_degree, dtype, device)
-    run = resolve(config, world_size, tokenizer.vocab_size, device.type, attention_head_dim)
+    # A missing or mismatched data.source stops the run before any work.
+    source = find_source(config.data.source, config.training.seq_len, tokenizer)
+    run = resolve(config, world_size, tokenizer.vocab_size, device.type, attention_head_dim_probe(device))
     config = run.config  # from here on, every value is concrete
-    dims = ParallelDims.from_run(run)
-    dims.build_mesh(device.type)
+    dims = ParallelDims.build(run.layout, device.type)
     torch.manual_seed(config.training.seed)
     dump_folder = Path(config.job.dump_folder)
     if rank == 0:
@@ -165,24 +178,41 @@ def train(config: Config) -> list[dict]:
         logger.info("derived: %s", run.derived())
 
     # --- set-up: data, model, optimizer, state
-    loader = build_dataloader(config, tokenizer, dims.data_parallel_rank, dims.data_parallel_degree)
-    reduce_group = dims.data_parallel_mesh.get_group() if dims.data_parallel_mesh is not None else None
-    validator = Validator(run, tokenizer, dims.data_parallel_rank, reduce_group) if config.validation.enable else None
-    model = build_model(config.model, config.training.seq_len, device="meta")
-    parallelize(model, dims, config, param_dtype=dtype)
+    train_settings, layout, dp_rank = config.training, run.layout, dims.data_parallel_rank
+    to_batch = batch_maker(tokenizer.eos_id, config.data.loss_across_documents, run.document_ids,
+                           run.document_positions)
+    cache_dir = dump_folder / "datasets_cache"
+    rows = build_rows(source, config.data, train_settings.seq_len, tokenizer, cache_dir)
+    loader = build_dataloader(rows, config.data, train_settings.micro_batch_size, train_settings.seed, dp_rank,
+                              layout.data_parallel_degree, to_batch)
+    reduce_group = dims.data_parallel_group
+    validator = None
+    if config.validation.enable:
+        validation = config.validation
+        held_out = build_validation_rows(validation, config.data, tokenizer, train_settings.seq_len,
+                                         validation.steps * run.tokens_per_step // train_settings.seq_len, cache_dir)
+        validator = Validator(validation, held_out, validation.steps * run.grad_accum_steps,
+                              train_settings.micro_batch_size, run.total_steps, dp_rank, layout.data_parallel_degree,
+                              to_batch, reduce_group)
+    model = build_model(config.model, train_settings.seq_len, device="meta")
+    dtype = getattr(torch, run.compute_dtype)
+    parallelize(model, dims, config.parallelism, config.activation_checkpoint, config.compile.enable, config.float8,
+                param_dtype=dtype, float8_all_gather=run.float8_all_gather)
     # Same initial weights for every layout: each rank draws one full parameter at a time, keeps its shard.
-    init_weights_layout_independent(model, device, config.training.seed, config.parallelism.fsdp_cpu_offload)
-    loss_fn = compile_loss(cross_entropy_per_sample, dims, config)
+    init_weights_layout_independent(model, device, train_settings.seed, config.parallelism.fsdp_cpu_offload)
+    loss_fn = compile_loss(cross_entropy_per_sample, config.compile.enable, layout.tp_enabled)
+    loss_scope = loss_context(layout.tp_enabled)
     # FSDP casts parameters itself; without FSDP, autocast does it per matmul.
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if dtype == torch.bfloat16 and not dims.fsdp_enabled
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if dtype == torch.bfloat16 and not layout.fsdp_enabled
                 else contextlib.nullcontext())
-    optimizer = build_optimizer(model, config, device.type)
+    optimizer = build_optimizer(model, config.optimizer, run.optimizer_update, config.compile.enable)
     train_state = TrainState()
-    health = HealthMonitor(config, run.warmup_steps, dump_folder, rank, device, reduce_group, tokenizer)
+    health = HealthMonitor(config.health, train_settings.grad_clip, run.warmup_steps, config.metrics.log_freq,
+                           dump_folder, rank, device, reduce_group, tokenizer)
     run_record = run.to_dict()  # what config.json, checkpoints' meta.json and W&B record
-    checkpointer = Checkpointer(config, dims, dump_folder, {
+    checkpointer = Checkpointer(config.checkpoint, dump_folder, {
         "model": model, "optimizer": optimizer, "dataloader": loader, "train_state": train_state, "health": health},
-        run_record)
+        run_record, layout)
     resumed = checkpointer.load() is not None  # resume (checkpoint.resume): the loop goes on at train_state.step + 1
     if resumed and (changed := config_differences(checkpointer.loaded_meta["config"], run_record)):
         logger.warning("resume: this run's config differs from the checkpoint's; this config applies from step %d "
@@ -190,23 +220,24 @@ def train(config: Config) -> list[dict]:
     if rank == 0:
         start_run_records(dump_folder, run_record, resumed)
     health.install_fault_injection(model)  # testing aid only; off unless health.inject_nan_at_step
-    profiler = TrainingProfiler(config, dump_folder, rank, device)
+    profiler = TrainingProfiler(config.profiling, dump_folder, rank, device)
     data_iterator = iter(loader)  # after the load: it starts at the restored data position
-    metrics = MetricLogger(dump_folder, rank, model.flops_per_token(config.training.seq_len),
-                           peak_flops_per_device(device, config.metrics.peak_flops),
+    model_flops = flops_per_token(config.model, train_settings.seq_len)
+    metrics = MetricLogger(dump_folder, rank, model_flops, peak_flops_per_device(device, config.metrics.peak_flops),
                            config.metrics.enable_tensorboard, config.metrics.enable_jsonl, device,
                            run.total_steps, train_state.step,
                            start_wandb(config.metrics, run_record, dump_folder) if rank == 0 else None)
+    counts = count_parameters(config.model)
     logger.info("model: %s parameters (%s without the embedding), %s FLOPs/token, %d grad-accum steps",
-                f"{model.num_params():,}", f"{model.num_params(exclude_embedding=True):,}",
-                f"{model.flops_per_token(config.training.seq_len):,}", run.grad_accum_steps)
+                f"{counts.total:,}", f"{counts.non_embedding:,}", f"{model_flops:,}", run.grad_accum_steps)
 
     # --- the loop
     step = train_state.step
     loop_start = time.perf_counter()
     while step < run.total_steps:  # a while loop: a health rollback moves `step` back
         step += 1
-        lr = learning_rate(run, step, health.lr_scale)
+        lr = learning_rate(step, config.optimizer.lr, config.lr_schedule, run.warmup_steps, run.total_steps,
+                           health.lr_scale)
         set_learning_rate(optimizer, lr)
         wait_start = time.perf_counter()
         host_batches = [next(data_iterator) for _ in range(run.grad_accum_steps)]
@@ -214,14 +245,14 @@ def train(config: Config) -> list[dict]:
         micro_batches = [{k: v.to(device, non_blocking=True) for k, v in b.items()} for b in host_batches]
         sample_tokens = torch.cat([valid_tokens_per_sample(batch["labels"]) for batch in micro_batches])
         with report_oom(step, dump_folder, rank, device):
-            refresh_float8_scales(model, config, dims.shard)  # float8 all-gather: one all-reduce for all scales
+            refresh_float8_scales(model, run.float8_all_gather)  # float8 all-gather: one all-reduce for all scales
             result = train_step(model, optimizer, micro_batches, global_count(sample_tokens.sum(), dims),
-                                config.training.grad_clip, autocast, loss_fn, loss_context(dims),
+                                train_settings.grad_clip, autocast, loss_fn, loss_scope,
                                 config.health.skip_nonfinite_steps)
         health.record(step, result, sample_tokens, host_batches, lr)
         profiler.step(step)
         # TP peers share each micro-batch: a GPU's throughput is its 1/TP share of those tokens.
-        metrics.count(run.grad_accum_steps * run.tokens_per_micro_batch // dims.tensor, data_wait)
+        metrics.count(run.grad_accum_steps * run.tokens_per_micro_batch // layout.tensor, data_wait)
         train_state.step, train_state.tokens_seen = step, train_state.tokens_seen + run.tokens_per_step
         is_log_step = (step == 1 or step % config.metrics.log_freq == 0 or step == run.total_steps
                        or (validator is not None and validator.due(step)))
@@ -232,18 +263,19 @@ def train(config: Config) -> list[dict]:
                 validation, validation_seconds = {}, 0.0
                 if validator is not None and validator.due(step):
                     started = time.perf_counter()
-                    validation = validator.evaluate(model, device, autocast, loss_fn, loss_context(dims))
+                    validation = validator.evaluate(model, device, autocast, loss_fn, loss_scope)
                     validation_seconds = time.perf_counter() - started
                     profiler.expected_compilation()  # the blocks ran without gradients: compiled once more
                 record = metrics.log(step, {**window, "lr": lr, "tokens_seen": train_state.tokens_seen, **validation,
                                             **profiler.on_log_step(step)}, validation_seconds)
-                warn_if_data_bound(step, record["data_wait_fraction"], config, first_window=len(metrics.history) == 1)
+                warn_if_data_bound(step, record["data_wait_fraction"], config.metrics.data_wait_warn_fraction,
+                                   config.data, first_window=len(metrics.history) == 1)
                 if step == 1 and config.compile.enable:
                     logger.info("compile: first step took %.1f s (torch.compile included)",
                                 time.perf_counter() - loop_start)
             verdict = health.decide(events)
             if verdict.action == "rollback":
-                step, data_iterator = roll_back(verdict, health, checkpointer, loader, run)
+                step, data_iterator = roll_back(verdict, health, checkpointer, loader, run.grad_accum_steps)
                 continue
             if verdict.action == "stop":
                 stop(verdict, step, checkpointer, dump_folder)
@@ -269,9 +301,7 @@ def print_config(config: Config) -> None:
             raise
         vocab_size = config.model.vocab_size  # an explicit vocabulary needs no tokenizer file to plan with
     device = torch.device("cuda" if config.training.device != "cpu" and torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, compute_dtype(config, device.type))
-    head_dim = choose_attention_head_dim(config.model, config.parallelism.tensor_parallel_degree, dtype, device)
-    print(render(resolve(config, world_size_from_env(), vocab_size, device.type, head_dim)))
+    print(render(resolve(config, world_size_from_env(), vocab_size, device.type, attention_head_dim_probe(device))))
 
 
 # Errors in the input or the run's state, with the exit code scripts can test: 2 bad input,

@@ -1,0 +1,175 @@
+"""titanlite.diagnose: verdicts on recorded and synthetic runs, plots, and the text-only fallback."""
+
+import json
+import math
+import sys
+
+import numpy as np
+import pytest
+from conftest import HEALTH_RUN, power_law, tiny_config
+
+from titanlite.config.load import load_config
+from titanlite.diagnose import diagnose, main
+from titanlite.health.monitor import HealthStop
+from titanlite.train import train
+
+
+def write_run(folder, losses, log_freq=10, **extra_series):
+    """A run folder as the trainer writes it: config.json and metrics.jsonl, one record per log step."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(load_config(None).to_dict()))
+    with open(folder / "metrics.jsonl", "w") as metrics:
+        for index in range(log_freq - 1, len(losses), log_freq):
+            record = {"step": index + 1, "loss": float(losses[index]), "grad_norm": 1.0, "lr": 3e-4,
+                      "tokens_per_second_per_device": 1000.0, "data_wait_fraction": 0.01, "mfu_percent": 45.0}
+            record.update({key: values for key, values in extra_series.items()})
+            metrics.write(json.dumps(record) + "\n")
+    return folder
+
+
+def verdict(folder):
+    lines, _ = diagnose(folder)
+    return "\n".join(lines)
+
+
+def test_synthetic_runs_get_the_recipe_verdicts(tmp_path):
+    healthy = write_run(tmp_path / "healthy", power_law(20000, 0))
+    assert verdict(healthy).startswith("healthy")
+    spiky = power_law(20000, 1)
+    spiky[[2999, 9999]] *= 2.0  # logged steps 3000 and 10000
+    assert "spikes at steps 3000, 10000" in verdict(write_run(tmp_path / "spiky", spiky))
+    flat = power_law(40000, 2)
+    flat[15000:] = 1.85 + np.random.default_rng(0).normal(0, 0.005, 25000)
+    text = verdict(write_run(tmp_path / "flat", flat))
+    assert "plateau since step" in text and "LR restart" in text
+    since = int(text.split("plateau since step ")[1].split()[0])
+    assert 14000 <= since <= 17000
+    rising = power_law(10000, 3)
+    rising[6000:] *= np.exp(np.linspace(0, 2.0, 4000))
+    assert "diverged at step" in verdict(write_run(tmp_path / "rising", rising))
+    slow_data = verdict(write_run(tmp_path / "slow-data", power_law(5000, 4), data_wait_fraction=0.3))
+    assert "data bound" in slow_data and "the device waits for data" in slow_data and "GPU" not in slow_data
+    assert "MFU low: 20.0%" in verdict(write_run(tmp_path / "low-mfu", power_law(5000, 5), mfu_percent=20.0))
+
+
+def test_recorded_run_with_a_nan_is_diverged_and_plotted(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    config = tiny_config(tmp_path, *HEALTH_RUN, "--training.steps", "12", "--metrics.log_freq", "4",
+        "--health.inject_nan_at_step", "6", "--health.divergence_action", "log")
+    history = train(config)
+    assert history[-1]["step"] == 12 and np.isfinite(history[-1]["loss"])  # NaN step skipped, run went on
+    main([str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "diverged at step 6 (loss is nan at step 6)" in out and "roll back to the last good checkpoint" in out
+    for name in ("loss.png", "grad_norm.png", "lr.png", "throughput.png", "data_wait.png", "overview.png"):
+        png = tmp_path / "diagnose" / name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+
+
+def test_verdict_without_matplotlib(tmp_path, capsys, monkeypatch):
+    run = write_run(tmp_path / "run", power_law(3000, 6))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails as if not installed
+    main([str(run)])
+    captured = capsys.readouterr()
+    assert "healthy" in captured.out and "matplotlib is not installed" in captured.err
+    assert not (run / "diagnose").exists()
+
+
+def test_missing_metrics_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path)])
+    assert exit_info.value.code == 2 and "metrics.jsonl is missing" in capsys.readouterr().err
+
+
+# --- rollbacks: what the trainer did, in words and in the plots
+
+ROLLBACK_RUN = [*HEALTH_RUN, "--training.steps", "16", "--metrics.log_freq", "4", "--health.inject_nan_at_step", "8"]
+
+
+def test_a_stop_with_no_checkpoint_to_roll_back_to_is_not_reported_as_a_rollback(tmp_path):
+    with pytest.raises(HealthStop, match="no checkpoint predates step 8"):
+        train(tiny_config(tmp_path, *ROLLBACK_RUN))  # divergence_action=rollback, checkpoints off
+    text = verdict(tmp_path)
+    assert "diverged at step 8" in text and "rolled back" not in text
+    assert "no rollback for the divergence at step 8 (no checkpoint predates step 8): the run stopped after step 8" \
+        in text
+
+
+def test_a_rollback_is_reported_and_drawn_as_an_abandoned_branch(tmp_path):
+    from titanlite.health.plots import build_figures
+
+    history = train(tiny_config(tmp_path, *ROLLBACK_RUN, "--checkpoint.enable", "true", "--checkpoint.interval", "5"))
+    assert [r["step"] for r in history] == [1, 4, 8, 8, 12, 16]  # NaN at 8, back to the step-5 checkpoint
+    lines, events = diagnose(tmp_path)
+    assert "  the trainer rolled back 1 time(s); LR scale now 0.5" in lines and "no rollback" not in "\n".join(lines)
+    loss_axis = build_figures(history, events, grad_clip=1.0, data_wait_limit=0.05)["loss"].axes[0]
+    drawn = {line.get_label(): line for line in loss_axis.lines}
+    assert list(drawn["loss"].get_xdata()) == [1, 4, 8, 12, 16]  # the path the run took: never backwards
+    assert list(drawn["loss"].get_ydata()) == [r["loss"] for r in history[:2] + history[3:]]
+    assert list(drawn["non-finite loss"].get_xdata()) == [8]  # the NaN step that started it, marked
+    assert [patch.get_label() for patch in loss_axis.patches] == ["rolled back"]
+
+
+def test_two_rollback_events_of_one_check_are_one_rollback_not_a_failed_one(tmp_path):
+    """A rise from step 7 and a NaN at 12 in one window ask for one rollback; the trainer made it."""
+    from titanlite.health.detectors import Event
+    from titanlite.health.monitor import HealthMonitor
+
+    write_run(tmp_path, power_law(40, seed=0), rollbacks=1, lr_scale=0.5)
+    config = load_config(None)
+    monitor = HealthMonitor(config.health, config.training.grad_clip, 0, config.metrics.log_freq, tmp_path, rank=0,
+                            device=None)
+    monitor.decide([Event(11, "divergence", "loss rising since step 7", 7, 0.1),
+                    Event(12, "divergence", "loss is nan at step 12", 12, math.nan)])
+    logged = [json.loads(line) for line in (tmp_path / "health.jsonl").read_text().splitlines()]
+    assert [e.get("verdict") for e in logged] == ["rollback", None]
+    text = verdict(tmp_path)
+    assert "rolled back 1 time(s)" in text and "no rollback" not in text
+
+
+def test_plots_label_each_axis_and_draw_clip_mfu_branches_and_nonfinite_points(tmp_path):
+    from titanlite.health.plots import build_figures, split_branches
+
+    def record(step, loss, rollbacks=0, grad_norm=0.5):
+        return {"step": step, "loss": loss, "loss_max_step": loss + 0.5, "grad_norm": grad_norm, "lr": 1e-3,
+                "rollbacks": rollbacks, "tokens_per_second_per_device": 1000.0 + step, "mfu_percent": 40.0 + step,
+                "data_wait_fraction": 0.01}
+
+    # steps 1-4 (NaN at 4), rolled back and replayed 3-6; then a crash after 6 and a resume from a step-5
+    # checkpoint: 6 is logged again (the rollback count did not grow: a resume, not a rollback).
+    records = [record(1, 8.0), record(2, 7.0), record(3, 6.5), record(4, math.nan, grad_norm=math.inf),
+               record(3, 6.4, 1), record(4, 6.0, 1), record(5, 5.5, 1), record(6, 5.2, 1), record(6, 5.3, 1),
+               record(7, 5.0, 1)]
+    path, abandoned = split_branches(records)
+    assert [r["step"] for r in path] == [1, 2, 3, 4, 5, 6, 7] and [r["loss"] for r in path][2:5] == [6.4, 6.0, 5.5]
+    assert [([r["step"] for r in b.records], b.cause) for b in abandoned] == [([2, 3, 4], "rollback"),
+                                                                              ([5, 6], "resume")]
+    figures = build_figures(records, [], grad_clip=1.0, data_wait_limit=0.05)
+    assert set(figures) == {"loss", "grad_norm", "lr", "throughput", "data_wait", "overview"}
+    labels = {name: figure.axes[0].get_ylabel() for name, figure in figures.items() if name != "overview"}
+    assert labels == {"loss": "loss (nats per token)", "grad_norm": "grad norm (L2, before clipping)",
+                      "lr": "learning rate", "throughput": "tokens/s per device",
+                      "data_wait": "share of step time waiting for data"}
+
+    loss = {line.get_label(): line for line in figures["loss"].axes[0].lines}
+    assert list(loss["abandoned by a rollback"].get_xdata()) == [2, 3]  # from the last kept step; 4 was NaN
+    assert list(loss["abandoned by a rollback"].get_ydata()) == [7.0, 6.5]
+    assert list(loss["abandoned by a resume"].get_xdata()) == [5, 6]
+    assert list(loss["non-finite loss"].get_xdata()) == [4]
+    assert list(loss["worst step of the log window"].get_ydata()) == [r["loss"] + 0.5 for r in path]
+    bands = sorted((patch.get_label(), patch.get_x(), patch.get_x() + patch.get_width())
+                   for patch in figures["loss"].axes[0].patches)
+    assert bands == [("resumed from a checkpoint", 5, 6), ("rolled back", 2, 4)]
+
+    grad = {line.get_label(): line for line in figures["grad_norm"].axes[0].lines}
+    assert list(grad["grad_clip = 1"].get_ydata()) == [1.0, 1.0]
+    assert list(grad["non-finite grad norm"].get_xdata()) == [4]  # inf, not a point at 3.4e38 or a gap
+
+    left, right = figures["throughput"].axes  # MFU on its own axis, and in the legend
+    assert right.get_ylabel() == "MFU (%)"
+    assert list(right.lines[0].get_ydata()) == [40.0 + r["step"] for r in path]
+    assert {"tokens/s per device", "MFU"} <= {text.get_text() for text in left.get_legend().get_texts()}
+    for figure in figures.values():
+        import matplotlib.pyplot as plt
+
+        plt.close(figure)

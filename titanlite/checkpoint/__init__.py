@@ -1,0 +1,1 @@
+"""DCP checkpoints: save, load, resume, checksums, folders; Hugging Face conversion."""

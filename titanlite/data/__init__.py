@@ -1,0 +1,1 @@
+"""Tokenizers, raw documents, packing, prepared shards, the global order, the per-rank loader."""

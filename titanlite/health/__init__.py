@@ -1,0 +1,1 @@
+"""The health monitor: detectors that return verdicts (the loop acts on them), and diagnose."""

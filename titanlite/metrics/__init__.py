@@ -1,0 +1,1 @@
+"""What a run measures and reports: the metric log, the profiler, the validation loss."""

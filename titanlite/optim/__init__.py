@@ -1,0 +1,1 @@
+"""The optimizers, the guarded (clipped, non-finite-skipping) step, the LR schedule."""
