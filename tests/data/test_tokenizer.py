@@ -1,4 +1,5 @@
 import base64
+import hashlib
 import importlib.util
 from pathlib import Path
 
@@ -6,8 +7,8 @@ import pytest
 from tiktoken.load import load_tiktoken_bpe
 
 from titanlite.data.corpus import generate_documents
-from titanlite.data.tokenizer import (DEFAULT_TOKENIZER_FILE, Tokenizer, TokenizerError, build_tokenizer,
-                                      check_vocab_compatible, llama3_special_tokens)
+from titanlite.data.tokenizer import (DEFAULT_TOKENIZER_FILE, KNOWN_BPE_FILES, PAT_STR, Tokenizer, TokenizerError,
+                                      build_tokenizer, check_vocab_compatible, llama3_special_tokens)
 
 
 def write_bpe_file(path, merged_tokens: list[bytes]) -> None:
@@ -77,16 +78,18 @@ def test_compresses_corpus(tokenizer):
     assert num_tokens / num_bytes < 0.35
 
 
-def test_hand_written_file_specials_after_ranks(tmp_path):
+def test_hand_written_file_stated_as_llama3_layout_gets_specials_after_ranks(tmp_path):
     path = tmp_path / "tiny.tiktoken"
     write_bpe_file(path, [b"ab", b"abc", b" x"])
-    tok = build_tokenizer(str(path), num_special_tokens=10)
+    tok = build_tokenizer(str(path), num_special_tokens=10)  # an explicit count states Llama 3's layout
     assert tok.vocab_size == 259 + 10
     assert (tok.bos_id, tok.eos_id) == (259, 260)
     assert tok.encode("abc") == [257]
     assert tok.encode("ab x") == [256, 258]
     assert tok.decode([259 + 9]) == "<|eot_id|>"  # Llama 3's order of special tokens
-    assert build_tokenizer(str(path)).vocab_size == 259 + 256  # Llama 3's count by default
+    stated = build_tokenizer(f"llama3:{path}")
+    assert stated.vocab_size == 259 + 256 and stated.encoding._pat_str == PAT_STR  # Llama 3's count and split
+    assert stated.name == f"llama3:{path}"
 
 
 def test_llama3_special_token_layout():
@@ -106,13 +109,13 @@ def test_fingerprint_stable_and_distinct(tmp_path, tokenizer):
     first, second = tmp_path / "a.tiktoken", tmp_path / "b.tiktoken"
     write_bpe_file(first, [b"ab"])
     write_bpe_file(second, [b"ba"])
-    fp_first = build_tokenizer(str(first)).fingerprint
-    assert fp_first != build_tokenizer(str(second)).fingerprint
+    fp_first = build_tokenizer(f"llama3:{first}").fingerprint
+    assert fp_first != build_tokenizer(f"llama3:{second}").fingerprint
     assert fp_first != build_tokenizer(str(first), num_special_tokens=8).fingerprint
     # the fingerprint depends on the token table, not on where the file lies
     (tmp_path / "copy").mkdir()
     (tmp_path / "copy" / "a.tiktoken").write_bytes(first.read_bytes())
-    assert build_tokenizer(str(tmp_path / "copy" / "a.tiktoken")).fingerprint == fp_first
+    assert build_tokenizer(f"llama3:{tmp_path / 'copy' / 'a.tiktoken'}").fingerprint == fp_first
 
 
 @pytest.mark.parametrize("content", [
@@ -122,6 +125,8 @@ def test_malformed_file_names_the_file(tmp_path, content):
     path.write_text(content)
     with pytest.raises(TokenizerError, match="broken.model"):
         build_tokenizer(str(path))
+    with pytest.raises(TokenizerError, match="broken.model.* (is not a tiktoken BPE file|ranks are not)"):
+        build_tokenizer(f"llama3:{path}")  # stated, so refused for what is wrong with it
 
 
 def test_missing_file_and_gaps(tmp_path):
@@ -133,7 +138,7 @@ def test_missing_file_and_gaps(tmp_path):
     no_bytes.write_text("".join(f"{base64.b64encode(bytes([65 + i])).decode()} {i}\n"
                                 for i in range(26)))
     with pytest.raises(TokenizerError, match="single-byte"):
-        build_tokenizer(str(no_bytes))
+        build_tokenizer(f"llama3:{no_bytes}")
 
 
 def test_local_file_is_read_afresh_not_from_tiktokens_cache(tmp_path, monkeypatch):
@@ -190,3 +195,106 @@ def test_default_tokenizer_warning_only_off_the_default_corpus(tokenizer):
 
     text = " ".join(part for part in (module.__doc__, module.default_tokenizer_warning.__doc__))
     assert 1.2 < len(text.encode()) / len(tokenizer.encode(text)) < 2.0
+
+
+# --- tiktoken BPE files recognised by content (issue 21): each with its own split pattern and special tokens
+
+def test_known_files_table_is_what_tiktoken_declares(monkeypatch):
+    """The hashes, patterns and special tokens titanlite knows are those of tiktoken's own package source:
+    its encoding constructors run with the file loader replaced, so nothing is downloaded."""
+    from tiktoken_ext import openai_public
+
+    declared_hashes = []
+
+    def load_nothing(url, expected_hash=None):
+        declared_hashes.append(expected_hash)
+        return {}
+
+    monkeypatch.setattr(openai_public, "load_tiktoken_bpe", load_nothing)
+    for name in ("r50k_base", "p50k_base", "cl100k_base", "o200k_base"):
+        definition = openai_public.ENCODING_CONSTRUCTORS[name]()
+        layout = KNOWN_BPE_FILES[declared_hashes[-1]]
+        assert (layout.name, layout.pattern, layout.special_tokens) == (
+            name, definition["pat_str"], definition["special_tokens"])
+        assert layout.bos == layout.eos == "<|endoftext|>"
+    # every .tiktoken file tiktoken knows is known here (p50k_edit and o200k_harmony share their base's file;
+    # gpt2 reads GPT-2's original vocab.bpe + encoder.json, whose content is r50k_base's), and no other.
+    for name, constructor in openai_public.ENCODING_CONSTRUCTORS.items():
+        if name != "gpt2":
+            constructor()
+    openai_files = {digest for digest, layout in KNOWN_BPE_FILES.items() if layout.name != "Llama 3"}
+    assert openai_files == set(declared_hashes)
+
+
+def recognise_as(monkeypatch, path, layout):
+    """Make `path`'s content a known file of `layout`, as the real file of that encoding is."""
+    monkeypatch.setitem(KNOWN_BPE_FILES, hashlib.sha256(path.read_bytes()).hexdigest(), layout)
+
+
+def known_layout(name):
+    return next(layout for layout in KNOWN_BPE_FILES.values() if layout.name == name)
+
+
+def test_gpt2_file_gets_gpt2_split_and_its_one_special_token(tmp_path, monkeypatch):
+    path = tmp_path / "gpt2.tiktoken"
+    write_bpe_file(path, [b"12", b"34", b"1234"])
+    with pytest.raises(TokenizerError, match="does not recognise"):
+        build_tokenizer(str(path))
+    recognise_as(monkeypatch, path, known_layout("r50k_base"))
+    tok = build_tokenizer(str(path))
+    # GPT-2 keeps a run of digits in one piece; Llama 3's split cuts it into groups of 3 ("123", "4").
+    assert tok.encode("1234") == [258]
+    assert tok.vocab_size == 50257 and tok.bos_id == tok.eos_id == 50256  # r50k_base's n_vocab, <|endoftext|>
+    assert tok.decode([50256]) == "<|endoftext|>"
+    with pytest.raises(TokenizerError, match="r50k_base, whose special tokens are fixed"):
+        build_tokenizer(str(path), num_special_tokens=8)
+    with pytest.raises(TokenizerError, match="r50k_base, whose split pattern .* drop the 'llama3:' prefix"):
+        build_tokenizer(f"llama3:{path}")
+
+
+def test_llama3_file_gets_llama3_split_and_256_specials_after_its_ranks(tmp_path, monkeypatch):
+    path = tmp_path / "tokenizer.model"
+    write_bpe_file(path, [b"12", b"34", b"1234"])
+    stated = build_tokenizer(f"llama3:{path}")
+    recognise_as(monkeypatch, path, known_layout("Llama 3"))
+    tok = build_tokenizer(str(path))
+    assert tok.encode("1234") == [256, 51, 52]  # "12" "3" + "4": Llama 3's split cuts digits in groups of 3
+    assert tok.vocab_size == 259 + 256 and (tok.bos_id, tok.eos_id) == (259, 260)
+    assert tok.decode([259 + 9]) == "<|eot_id|>"
+    assert tok.fingerprint == stated.fingerprint  # the same ids as the file stated to be Llama 3's
+    assert build_tokenizer(str(path), num_special_tokens=10).vocab_size == 259 + 10
+
+
+def test_unknown_bpe_file_is_refused_in_one_line_with_the_ways_forward(tmp_path):
+    path = tmp_path / "mystery.tiktoken"
+    write_bpe_file(path, [b"ab"])
+    with pytest.raises(TokenizerError) as error:
+        build_tokenizer(str(path))
+    message = str(error.value)
+    assert "\n" not in message and "mystery.tiktoken" in message and "does not recognise" in message
+    assert "tokenizer.json" in message and "scripts/train_tokenizer.py --files" in message
+    assert f"tokenizer.path=llama3:{path}" in message
+    (tmp_path / "tokenizer.json").write_text("{}")
+    with pytest.raises(TokenizerError, match="carries its own split pattern.*drop the 'llama3:' prefix"):
+        build_tokenizer(f"llama3:{tmp_path / 'tokenizer.json'}")
+
+
+# Computed with the code before issue 21's change (build_tokenizer("default") on REFERENCE_TEXT): the
+# shipped tokenizer's ids and fingerprint must not move, or the debug run and every prepared dataset change.
+REFERENCE_TEXT = "The capital of France is Paris.\n\n  Numbers 12345, émigré 日本 <|end_of_text|> don't!"
+REFERENCE_IDS = [423, 295, 270, 320, 371, 99, 101, 273, 373, 97, 271, 115, 284, 10, 32, 405, 117, 370, 268, 115, 32,
+                 1356, 942, 44, 32, 195, 169, 640, 103, 114, 195, 169, 32, 230, 151, 165, 230, 156, 172, 32, 60, 124,
+                 101, 265, 95, 111, 102, 95, 116, 101, 120, 116, 124, 62, 327, 110, 39, 116, 33]
+REFERENCE_FINGERPRINT = "be09974548af33c89ed82faa59036b193165cdd6f1c23e414342d83e1bef9dd8"
+
+
+def test_default_tokenizer_ids_unchanged_and_its_file_recognised_by_content(tokenizer, tmp_path):
+    assert tokenizer.encode(REFERENCE_TEXT) == REFERENCE_IDS
+    assert tokenizer.fingerprint == REFERENCE_FINGERPRINT
+    assert (tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id) == (2008, 2000, 2001)
+    copy = tmp_path / "elsewhere.tiktoken"  # the shipped file under another name: the same tokenizer
+    copy.write_bytes(DEFAULT_TOKENIZER_FILE.read_bytes())
+    by_path = build_tokenizer(str(copy))
+    assert by_path.encode(REFERENCE_TEXT) == REFERENCE_IDS and by_path.fingerprint == REFERENCE_FINGERPRINT
+    with pytest.raises(TokenizerError, match="titanlite's default tokenizer, whose split pattern"):
+        build_tokenizer(f"llama3:{copy}")
