@@ -173,3 +173,68 @@ def test_plots_label_each_axis_and_draw_clip_mfu_branches_and_nonfinite_points(t
         import matplotlib.pyplot as plt
 
         plt.close(figure)
+
+
+# --- the train/val verdict: a window's mean against the validation loss, overfitting only past one epoch
+
+def evaluated_run(val_losses: dict[int, float], epoch: float | None = None, window_mean: float | None = None,
+                  losses=None):
+    """Records every 2 steps up to 40 (loss 2.0 unless `losses` has it), val_loss at the steps given."""
+    records = []
+    for step in range(2, 42, 2):
+        record = {"step": step, "loss": (losses or {}).get(step, 2.0)}
+        if step in val_losses:
+            record["val_loss"] = val_losses[step]
+            if window_mean is not None:
+                record["loss_window_mean"] = window_mean
+        if epoch is not None:
+            record["epoch"] = epoch * step / 40
+        records.append(record)
+    return records
+
+
+def test_gap_is_judged_on_the_window_not_on_one_noisy_step():
+    from titanlite.health.diagnose import validation_lines
+
+    # The issue's case: the last step's loss happens to be low (1.7), the window's mean is 2.0, val 2.05.
+    lines = validation_lines(evaluated_run({40: 2.05}, epoch=0.18, window_mean=2.0, losses={40: 1.7}))
+    assert lines == ["note: val_loss 2.05 vs 2, the mean training loss of the log window, at step 40"]
+    # Without loss_window_mean: the mean of the last 5 logged losses since the previous evaluation.
+    losses = {32: 2.4, 34: 2.2, 36: 2.1, 38: 2.0, 40: 1.7}
+    lines = validation_lines(evaluated_run({30: 2.4, 40: 2.05}, epoch=0.18, losses=losses))
+    expected = np.mean([2.4, 2.2, 2.1, 2.0, 1.7])
+    assert lines == [f"note: val_loss 2.05 vs {expected:.4g}, the mean training loss of the 5 logged steps 32..40, "
+                     "at step 40"]
+    # ... and never records at or before the evaluation before it (step 36 here)
+    lines = validation_lines(evaluated_run({36: 2.4, 40: 2.05}, losses=losses))
+    assert f"vs {np.mean([2.0, 1.7]):.4g}, the mean training loss of the 2 logged steps 38..40" in lines[0]
+
+
+def test_overfitting_is_claimed_only_past_one_epoch():
+    from titanlite.health.diagnose import validation_lines
+
+    gap = {40: 2.5}  # val 2.5 against a training mean of 2.0: 25% above
+    (early,) = validation_lines(evaluated_run(gap, epoch=0.18))
+    assert early.startswith("train/val gap within the first epoch (0.18 epochs") and "not overfitting" in early
+    assert "drawn like the training data" in early and "fewer epochs" not in early
+    (late,) = validation_lines(evaluated_run(gap, epoch=2.5))
+    assert late.startswith("overfitting after 2.50 epochs of the training data: val_loss 2.5 vs 2,")
+    assert "fewer epochs over it" in late
+    (unknown,) = validation_lines(evaluated_run(gap))
+    assert unknown.startswith("train/val gap: ") and "no epoch count" in unknown and "overfitting after" not in unknown
+    # val rising at 3 evaluations in a row while the training loss falls: overfitting only past one epoch
+    rising = {10: 2.0, 20: 2.1, 30: 2.2, 40: 2.3}
+    falling = {step: 3.0 - step / 40 for step in range(2, 42, 2)}
+    (early,) = validation_lines(evaluated_run(rising, epoch=0.5, losses=falling))
+    assert early.startswith("val_loss rising within the first epoch (0.50 epochs")
+    (late,) = validation_lines(evaluated_run(rising, epoch=3.0, losses=falling))
+    assert late.startswith("overfitting after 3.00 epochs") and "val_loss rose at each of the last 3" in late
+
+
+def test_diagnose_reports_the_first_epoch_gap_as_a_finding(tmp_path):
+    run = write_run(tmp_path / "run", power_law(400, 7), log_freq=10, epoch=0.18)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    records[-1]["val_loss"] = 1.5 * records[-1]["loss"]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    text = verdict(run)
+    assert "train/val gap within the first epoch" in text and not text.startswith("healthy")

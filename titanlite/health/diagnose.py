@@ -3,11 +3,11 @@
 Reads <run>/metrics.jsonl (one record per log step) and <run>/health.jsonl (the events the
 trainer found, from every step). Prints one line per finding with the recipe's action:
     healthy | spikes at steps ... | plateau since step ... | diverged at step ... |
-    grad norm far above grad_clip | data bound | MFU low
+    grad norm far above grad_clip | data bound | MFU low | train/val gap | overfitting
 and writes PNG plots to <run>/diagnose/ (titanlite/health/plots.py: loss on log-log axes with
-the events marked, grad norm against grad_clip, LR, throughput and MFU, data wait, and all of them
-in overview.png; abandoned steps of a rollback or resume drawn apart). Plots need matplotlib
-(`pip install titanlite[plot]`); without it the text verdict still works.
+the events marked, grad norm against grad_clip, LR, throughput (and MFU on GPUs), data wait in
+percent, and all of them in overview.png; abandoned steps of a rollback or resume drawn apart).
+Plots need matplotlib (`pip install titanlite[plot]`); without it the text verdict still works.
 
 Runs without health.jsonl (health off, or another trainer's metrics) are judged by replaying the
 logged losses through the same detectors, with their windows scaled to the log interval.
@@ -27,6 +27,8 @@ from titanlite.health.detectors import Detectors, Event
 ADVICE = {
     "overfit": "the model fits the training data better than held-out data: more (or more varied) data, fewer "
                "epochs over it, check that validation.source is held out and drawn like the training data",
+    "val_source": "check that validation.source is drawn like the training data (the same sources, mix, language "
+                  "and cleaning) and held out from it",
     "spike": "if rare, ignore; if frequent, lower the LR or fix data cleaning. Early spikes (first ~1k steps) "
              "are a strong signal: inspect the captured batches in spikes/ (90% are data problems), consider "
              "a longer warmup or a lower initial LR",
@@ -129,23 +131,77 @@ def diagnose(run: Path) -> tuple[list[str], list[Event]]:
     return lines, events
 
 
-def validation_lines(records: list[dict], rising_evaluations: int = 3, gap_ratio: float = 1.1) -> list[str]:
-    """The train/val verdict: overfitting (val loss up `rising_evaluations` times in a row while the
-    training loss falls), a wide gap (val above `gap_ratio` x train at the last evaluation), or the gap."""
-    evaluated = [r for r in records if isinstance(r.get("val_loss"), (int, float)) and math.isfinite(r["val_loss"])]
+def training_loss_near(records: list[dict], index: int, max_records: int = 5) -> tuple[float, str] | None:
+    """(the training loss to set against a validation loss logged with records[index], what it is).
+
+    One step's loss is noisy (a batch of a few sequences); the log window's mean (`loss_window_mean`)
+    is not. Records without it fall back to the mean of the logged losses of up to `max_records`
+    records ending at `index`, none at or before the evaluation before it.
+    """
+    record = records[index]
+    window_mean = record.get("loss_window_mean")
+    if isinstance(window_mean, (int, float)) and math.isfinite(window_mean):
+        return float(window_mean), "the mean training loss of the log window"
+    previous_evaluation = max((r["step"] for r in records[:index] if isinstance(r.get("val_loss"), (int, float))),
+                              default=-math.inf)
+    near = [r for r in records[max(0, index - max_records + 1):index + 1]
+            if previous_evaluation < r["step"] <= record["step"] and isinstance(r.get("loss"), (int, float))
+            and math.isfinite(r["loss"])]
+    if not near:
+        return None
+    what = (f"the mean training loss of the {len(near)} logged steps {near[0]['step']}..{near[-1]['step']}"
+            if len(near) > 1 else f"the training loss of step {near[0]['step']} (one step: noisy)")
+    return sum(r["loss"] for r in near) / len(near), what
+
+
+def epochs_at(records: list[dict], index: int) -> float | None:
+    """Epochs of the training data consumed by records[index] (the latest `epoch` logged by then), or None."""
+    for record in reversed(records[:index + 1]):
+        if isinstance(record.get("epoch"), (int, float)) and math.isfinite(record["epoch"]):
+            return float(record["epoch"])
+    return None
+
+
+def validation_lines(records: list[dict], rising_evaluations: int = 3, gap_ratio: float = 1.1,
+                     overfit_epochs: float = 1.0) -> list[str]:
+    """The train/val verdict at the last evaluation: val loss up `rising_evaluations` times in a row while
+    the training loss falls, or val above `gap_ratio` x the training loss; else a note with both.
+
+    A model overfits by seeing its training samples again: it is called overfitting only past
+    `overfit_epochs` epochs. Within the first epoch a rise or gap says the held-out data is not drawn like
+    the training data; without an epoch count in the records, the two cannot be told apart.
+    """
+    evaluated = [index for index, r in enumerate(records)
+                 if isinstance(r.get("val_loss"), (int, float)) and math.isfinite(r["val_loss"])]
+    trained = {index: training_loss_near(records, index) for index in evaluated}
+    evaluated = [index for index in evaluated if trained[index] is not None]
     if not evaluated:
         return []
-    last = evaluated[-1]
+    last = records[evaluated[-1]]
+    train_loss, what = trained[evaluated[-1]]
+    epochs = epochs_at(records, evaluated[-1])
     recent = evaluated[-(rising_evaluations + 1):]
-    rising = len(recent) == rising_evaluations + 1 and all(a["val_loss"] < b["val_loss"] for a, b in zip(recent, recent[1:]))
-    if rising and recent[-1]["loss"] < recent[0]["loss"]:
-        return [f"overfitting: val_loss rose at each of the last {rising_evaluations} evaluations "
-                f"({recent[0]['val_loss']:.4g} at step {recent[0]['step']} -> {last['val_loss']:.4g} at step "
-                f"{last['step']}) while the training loss fell -> {ADVICE['overfit']}"]
-    gap = f"val_loss {last['val_loss']:.4g} vs training loss {last['loss']:.4g} at step {last['step']}"
-    if last["val_loss"] > gap_ratio * last["loss"]:
-        return [f"train/val gap: {gap} -> {ADVICE['overfit']}"]
-    return [f"note: {gap}"]
+    rising = len(recent) == rising_evaluations + 1 and all(
+        records[a]["val_loss"] < records[b]["val_loss"] for a, b in zip(recent, recent[1:]))
+    if rising and trained[recent[-1]][0] < trained[recent[0]][0]:
+        first = records[recent[0]]
+        kind = "val_loss rising"
+        finding = (f"val_loss rose at each of the last {rising_evaluations} evaluations ({first['val_loss']:.4g} at "
+                   f"step {first['step']} -> {last['val_loss']:.4g} at step {last['step']}) while the training "
+                   f"loss fell")
+    elif last["val_loss"] > gap_ratio * train_loss:
+        kind = "train/val gap"
+        finding = f"val_loss {last['val_loss']:.4g} vs {train_loss:.4g}, {what}, at step {last['step']}"
+    else:
+        return [f"note: val_loss {last['val_loss']:.4g} vs {train_loss:.4g}, {what}, at step {last['step']}"]
+    if epochs is None:
+        return [f"{kind}: {finding}; metrics.jsonl has no epoch count, so this is overfitting if the run has seen "
+                f"its data more than once, else held-out data unlike the training data -> {ADVICE['val_source']}; "
+                f"past one epoch, also more (or more varied) data or fewer epochs"]
+    if epochs > overfit_epochs:
+        return [f"overfitting after {epochs:.2f} epochs of the training data: {finding} -> {ADVICE['overfit']}"]
+    return [f"{kind} within the first epoch ({epochs:.2f} epochs: no training sample seen twice, so not "
+            f"overfitting): {finding} -> {ADVICE['val_source']}"]
 
 
 def rollback_lines(records: list[dict], logged: list[dict], settings: Health) -> list[str]:
