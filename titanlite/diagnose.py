@@ -25,7 +25,8 @@ def write_plots(run: Path, events: list[Event], dpi: int = 100) -> list[Path]:
     from titanlite.health.plots import write_plots as write_panels
 
     _, grad_clip, _, wait_limit, _ = run_settings(run)
-    return write_panels(run / "diagnose", read_jsonl(run / "metrics.jsonl"), events, grad_clip, wait_limit, dpi)
+    return write_panels(run / "diagnose", read_jsonl(run / "metrics.jsonl"), events, grad_clip, wait_limit, dpi,
+                        run_name=run.resolve().name)
 
 
 def main(argv: list[str] | None = None) -> None:

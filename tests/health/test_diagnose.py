@@ -64,6 +64,11 @@ def test_recorded_run_with_a_nan_is_diverged_and_plotted(tmp_path, capsys):
     for name in ("loss.png", "grad_norm.png", "lr.png", "throughput.png", "data_wait.png", "overview.png"):
         png = tmp_path / "diagnose" / name
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    from titanlite.health.plots import build_figures
+
+    for figure in build_figures(history, [], 1.0, 0.05, run_name=tmp_path.name).values():
+        check_figure_shows_what_it_says(figure)  # a CPU run: no MFU, so "throughput" alone
+    assert figure.get_suptitle().startswith(f"{tmp_path.name}: steps 1..12")
 
 
 def test_verdict_without_matplotlib(tmp_path, capsys, monkeypatch):
@@ -102,12 +107,15 @@ def test_a_rollback_is_reported_and_drawn_as_an_abandoned_branch(tmp_path):
     assert [r["step"] for r in history] == [1, 4, 8, 8, 12, 16]  # NaN at 8, back to the step-5 checkpoint
     lines, events = diagnose(tmp_path)
     assert "  the trainer rolled back 1 time(s); LR scale now 0.5" in lines and "no rollback" not in "\n".join(lines)
-    loss_axis = build_figures(history, events, grad_clip=1.0, data_wait_limit=0.05)["loss"].axes[0]
+    figures = build_figures(history, events, grad_clip=1.0, data_wait_limit=0.05)
+    loss_axis = figures["loss"].axes[0]
     drawn = {line.get_label(): line for line in loss_axis.lines}
     assert list(drawn["loss"].get_xdata()) == [1, 4, 8, 12, 16]  # the path the run took: never backwards
     assert list(drawn["loss"].get_ydata()) == [r["loss"] for r in history[:2] + history[3:]]
     assert list(drawn["non-finite loss"].get_xdata()) == [8]  # the NaN step that started it, marked
     assert [patch.get_label() for patch in loss_axis.patches] == ["rolled back"]
+    for figure in figures.values():
+        check_figure_shows_what_it_says(figure)
 
 
 def test_two_rollback_events_of_one_check_are_one_rollback_not_a_failed_one(tmp_path):
@@ -149,7 +157,7 @@ def test_plots_label_each_axis_and_draw_clip_mfu_branches_and_nonfinite_points(t
     labels = {name: figure.axes[0].get_ylabel() for name, figure in figures.items() if name != "overview"}
     assert labels == {"loss": "loss (nats per token)", "grad_norm": "grad norm (L2, before clipping)",
                       "lr": "learning rate", "throughput": "tokens/s per device",
-                      "data_wait": "share of step time waiting for data"}
+                      "data_wait": "time waiting for data (% of step)"}
 
     loss = {line.get_label(): line for line in figures["loss"].axes[0].lines}
     assert list(loss["abandoned by a rollback"].get_xdata()) == [2, 3]  # from the last kept step; 4 was NaN
@@ -238,3 +246,125 @@ def test_diagnose_reports_the_first_epoch_gap_as_a_finding(tmp_path):
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     text = verdict(run)
     assert "train/val gap within the first epoch" in text and not text.startswith("healthy")
+
+
+# --- the plots say what they draw
+
+def check_figure_shows_what_it_says(figure):
+    """Every panel of `figure` has data; titles, axis labels and legends name only what is drawn."""
+    import matplotlib.pyplot as plt
+
+    def has_data(artist):
+        if hasattr(artist, "get_ydata"):
+            ys = np.asarray(artist.get_ydata(), dtype=float)
+            return ys.size > 0 and np.isfinite(ys).any()
+        return True  # a band (axvspan) is drawn whenever it exists
+
+    groups = {}  # a panel and its twin (right) axis share one position
+    for axis in figure.axes:
+        groups.setdefault(tuple(np.round(axis.get_position().bounds, 6)), []).append(axis)
+    for axes in groups.values():
+        titled = [axis for axis in axes if axis.get_title()]
+        assert titled, "an untitled cell: nothing drawn there"
+        main = titled[0]
+        drawn = [artist for axis in axes for artist in [*axis.lines, *axis.patches]
+                 if not artist.get_label().startswith("_") and has_data(artist)]
+        labels = {artist.get_label() for artist in drawn}
+        assert main.axison and any(line in drawn for line in main.lines), f"empty panel {main.get_title()!r}"
+        legend = [text.get_text() for text in main.get_legend().get_texts()]
+        assert set(legend) == labels, (main.get_title(), legend, labels)  # listed iff drawn
+        assert main.get_xlabel() == "step" and all(axis.get_ylabel() for axis in axes)
+        assert ("MFU" in main.get_title()) == ("MFU" in labels)
+        assert ("log-log" in main.get_title()) == (main.get_xscale() == main.get_yscale() == "log")
+        assert ("log y" in main.get_title()) == (main.get_xscale() == "linear" and main.get_yscale() == "log")
+        for artist in drawn:
+            if artist.get_label() == "validation loss":
+                assert artist.get_marker() == "o"  # a few points: each one visible
+            if artist.get_label().startswith("abandoned by"):
+                # a branch drawn and listed is not hidden under the final line
+                final = dict(zip(main.lines[0].get_xdata(), main.lines[0].get_ydata()))
+                assert any(abs(final.get(x, np.inf) - y) > 1e-9 for x, y in zip(artist.get_xdata(),
+                                                                                 artist.get_ydata()))
+        if "waiting for data" in main.get_title():
+            assert "%" in main.get_ylabel() and all("%" in label for label in labels if "threshold" in label)
+    plt.close(figure)
+
+
+def plot_records(with_mfu: bool, resume_changes_loss: bool):
+    """Steps 1-30, a NaN at 31 and a rollback to 25 (LR halved), a crash after 50 and a resume from 45
+    that replays the same loss and LR (and, if `resume_changes_loss`, another loss)."""
+    def record(step, rollbacks=0, replay=False):
+        loss = (2 + 8 * step ** -0.5) * 0.98 ** rollbacks * (1.01 if replay and resume_changes_loss else 1)
+        r = {"step": step, "loss": loss, "loss_max_step": loss + 0.5, "grad_norm": 0.5, "rollbacks": rollbacks,
+             "lr": 1e-3 * 0.5 ** rollbacks * (1 - step / 100), "data_wait_fraction": 0.01 + 0.001 * step,
+             "tokens_per_second_per_device": 1000.0 + 10 * step - (50 if replay else 0)}
+        if with_mfu:
+            r["mfu_percent"] = 40.0 + step / 5
+        if step % 10 == 0:
+            r["val_loss"] = loss * 1.05
+        return r
+
+    records = [record(step) for step in range(1, 31)] + [dict(record(31), loss=math.nan, grad_norm=math.inf)]
+    records += [record(step, 1) for step in range(25, 51)] + [record(step, 1, True) for step in range(46, 61)]
+    return records
+
+
+@pytest.mark.parametrize("with_mfu", [False, True], ids=["cpu", "gpu"])
+def test_every_figure_shows_what_its_title_and_legend_say(with_mfu):
+    from titanlite.health.plots import build_figures
+
+    records = plot_records(with_mfu, resume_changes_loss=False)
+    figures = build_figures(records, [], grad_clip=1.0, data_wait_limit=0.05, run_name="demo-run")
+    assert figures["throughput"].axes[0].get_title() == ("throughput and MFU" if with_mfu else "throughput")
+    # a resume replays the same LR and loss: nothing drawn under the line, nothing listed for it
+    for name in ("loss", "lr"):
+        assert "abandoned by a resume" not in [t.get_text() for t in figures[name].axes[0].get_legend().get_texts()]
+    throughput = {line.get_label(): line for line in figures["throughput"].axes[0].lines}
+    assert list(throughput["abandoned by a resume"].get_xdata()) == [45, 46, 47, 48, 49, 50]
+    data_wait = {line.get_label(): line for line in figures["data_wait"].axes[0].lines}
+    assert np.allclose(data_wait["data wait"].get_ydata()[:3], [100 * (0.01 + 0.001 * s) for s in (1, 2, 3)])
+    assert list(data_wait["warning threshold 5%"].get_ydata()) == [5.0, 5.0]
+    overview = figures["overview"]
+    panels = [axis for axis in overview.axes if axis.get_title()]
+    assert [axis.get_title() for axis in panels][0] == "loss (log y axis)" and len(panels) == 5
+    assert {axis.get_xscale() for axis in overview.axes} == {"linear"}  # one step axis for every panel
+    assert len({tuple(axis.get_xlim()) for axis in overview.axes}) == 1
+    assert overview.get_suptitle() == "demo-run: steps 1..60"
+    for figure in figures.values():
+        check_figure_shows_what_it_says(figure)
+    changed = build_figures(plot_records(with_mfu, resume_changes_loss=True), [], 1.0, 0.05)
+    assert "abandoned by a resume" in [t.get_text() for t in changed["loss"].axes[0].get_legend().get_texts()]
+    for figure in changed.values():
+        check_figure_shows_what_it_says(figure)
+
+
+def test_a_series_no_record_has_gets_no_panel_and_leaves_no_empty_cell():
+    from titanlite.health.plots import build_figures
+
+    records = [{key: value for key, value in r.items() if key != "data_wait_fraction"}
+               for r in plot_records(with_mfu=False, resume_changes_loss=False)]  # e.g. another trainer's log
+    figures = build_figures(records, [], grad_clip=1.0, data_wait_limit=0.05)
+    assert set(figures) == {"loss", "grad_norm", "lr", "throughput", "overview"}
+    panels = [axis for axis in figures["overview"].axes if axis.get_title()]
+    assert [axis.get_title() for axis in panels] == ["loss (log y axis)", "global grad norm before clipping",
+                                                     "learning rate", "throughput"]
+    # the loss across the top, two panels below it, the third alone: it spans its row as the loss does
+    widths = [axis.get_position().width for axis in panels]
+    assert widths[3] == pytest.approx(widths[0]) and widths[1] == pytest.approx(widths[2])
+    assert widths[1] < 0.6 * widths[0]
+    for figure in figures.values():
+        check_figure_shows_what_it_says(figure)
+
+
+def test_a_window_series_equal_to_the_step_series_is_not_drawn_under_it():
+    """With log_freq 1 the window's worst step is the step itself: drawn, it hides under the loss line."""
+    from titanlite.health.plots import build_figures
+
+    records = [{"step": step, "loss": 8 / step, "loss_max_step": 8 / step, "grad_norm": 1.0 / step,
+                "grad_norm_max": 1.0 / step + (0.5 if step == 3 else 0.0)} for step in range(1, 11)]
+    figures = build_figures(records, [], grad_clip=1.0, data_wait_limit=0.05)
+    assert [line.get_label() for line in figures["loss"].axes[0].lines] == ["loss"]
+    grad = {line.get_label(): line for line in figures["grad_norm"].axes[0].lines}
+    assert list(grad["largest of the log window"].get_ydata()) == [r["grad_norm_max"] for r in records]
+    for figure in figures.values():
+        check_figure_shows_what_it_says(figure)
