@@ -327,3 +327,17 @@ def test_seed_checkpoint_holds_the_initial_weights(tmp_path, capsys):
     model.init_weights(seed=11)
     assert weights.keys() == model.state_dict().keys()
     assert all(torch.equal(weights[n], t) for n, t in model.state_dict().items())
+
+
+def test_to_hf_loads_a_checkpoint_without_checksums_only_with_load_unverified(checkpoint, tmp_path, capsys):
+    path, _ = checkpoint
+    meta = json.loads((path / "meta.json").read_text())
+    del meta["crc32"]
+    (path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["to-hf", str(path), str(tmp_path / "hf")])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and error.count("\n") == 1 and "--load-unverified" in error
+    assert not (tmp_path / "hf").exists()
+    main(["to-hf", str(path), str(tmp_path / "hf"), "--load-unverified"])
+    assert (tmp_path / "hf" / "model.safetensors").is_file()

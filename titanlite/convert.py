@@ -41,12 +41,14 @@ from titanlite.model.transformer import build_model
 
 
 def export_to_hf(checkpoint: Path, out_dir: Path, dtype: torch.dtype | None = None,
-                 max_shard_bytes: int = 5 * 2**30, tokenizer_path: str | None = None) -> Path:
+                 max_shard_bytes: int = 5 * 2**30, tokenizer_path: str | None = None,
+                 load_unverified: bool = False) -> Path:
     """Write `checkpoint` (any complete titanlite checkpoint) as an HF Llama folder with its tokenizer.
 
     The tokenizer is the checkpoint's tokenizer.path unless `tokenizer_path` is given.
+    load_unverified: accept a checkpoint without checksums.
     """
-    weights, meta = load_model_weights(checkpoint)
+    weights, meta = load_model_weights(checkpoint, load_unverified)
     config = config_from_dict(meta["config"])
     path = tokenizer_path or config.tokenizer.path
     try:
@@ -144,6 +146,8 @@ def main(argv: list[str] | None = None) -> None:
                        help="cast the weights (default: keep the checkpoint's dtype, a bitwise export)")
     to_hf.add_argument("--tokenizer", default=None,
                        help="the tokenizer to export (default: the checkpoint's tokenizer.path)")
+    to_hf.add_argument("--load-unverified", action="store_true",
+                       help="load a checkpoint whose meta.json has no checksums (its data unverified)")
     from_hf = commands.add_parser("from-hf", help="HF Llama folder -> model-only titanlite checkpoint")
     from_hf.add_argument("hf_dir", type=Path)
     from_hf.add_argument("out_folder", type=Path)
@@ -157,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.command == "to-hf":
             out = export_to_hf(args.checkpoint, args.out_dir, getattr(torch, args.dtype) if args.dtype else None,
-                               tokenizer_path=args.tokenizer)
+                               tokenizer_path=args.tokenizer, load_unverified=args.load_unverified)
         else:
             config = load_config(args.config, overrides)
             out = (import_from_hf(args.hf_dir, args.out_folder, config) if args.command == "from-hf"

@@ -19,9 +19,10 @@ from titanlite.checkpoint.storage import (CheckpointError, ChecksummedFileSystem
                                           describe, first_failure)
 
 
-def load_model_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """Full (unsharded) model tensors of a checkpoint, on CPU, read by this one process; and meta.json."""
-    meta, metadata = read_checkpoint(path)
+def load_model_weights(path: Path, load_unverified: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
+    """Full (unsharded) model tensors of a checkpoint, on CPU, read by this one process; and meta.json.
+    load_unverified: accept a meta.json without checksums (read_checkpoint)."""
+    meta, metadata = read_checkpoint(path, load_unverified)
     template = {key.removeprefix("model."): torch.empty(entry.size, dtype=entry.properties.dtype)
                 for key, entry in metadata.state_dict_metadata.items()
                 if key.startswith("model.") and isinstance(entry, TensorStorageMetadata)}
