@@ -353,3 +353,14 @@ def test_data_wait_warning(caplog):
         assert not warn_if_data_bound(20, 0.9, config.metrics.data_wait_warn_fraction, config.data, first_window=True)  # a resumed run's first log step
     assert "20.0% of step time (threshold 5.0%)" in caplog.text and "raise data.num_workers (now 1)" in caplog.text
     assert "the device waits for data" in caplog.text and "GPU" not in caplog.text  # CPU runs get it too
+
+
+def test_a_manifest_with_or_without_the_source_fingerprint_reads_the_same_rows(prepared, tmp_path, tokenizer):
+    """manifest.json records the source's fingerprint now; manifests written before it still load."""
+    folder = copy_prepared(prepared, tmp_path)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["source_fingerprint"]["files"][str(prepared[1])]["sha256"]
+    edit_manifest(folder, source_fingerprint=None)
+    assert "source_fingerprint" not in json.loads((folder / "manifest.json").read_text())
+    with_it, without_it = (take(loader_of(loader_config(source), tokenizer, 0, 1), 3) for source in (prepared[0], folder))
+    assert row_ids(with_it, prepared[2]) == row_ids(without_it, prepared[2])
