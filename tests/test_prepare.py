@@ -359,3 +359,32 @@ def test_negative_counts_are_one_line(tmp_path, corpus, capsys, flag):
         prep.main(["--source", str(folder), "--output", str(tmp_path / "out"), "--seq-len", "32", flag, "-1"])
     error = capsys.readouterr().err
     assert exit_info.value.code == 2 and error == f"titanlite.prepare: {flag} -1: must be >= 0 (0: the default)\n"
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet", ".txt"])
+def test_an_empty_file_is_named_or_skipped(tmp_path, tokenizer, capsys, suffix):
+    """A 0-byte file (a failed download) as --source, or inside a glob: `datasets` raised a bare StopIteration."""
+    texts = generate_documents(40, seed=3)
+    write_jsonl(tmp_path / "a.jsonl", texts)
+    (tmp_path / f"b{suffix}").write_bytes(b"")
+    for source in (tmp_path / f"b{suffix}", tmp_path / "*.*"):
+        with pytest.raises(SystemExit) as exit_info:
+            prep.main(["--source", str(source), "--output", str(tmp_path / "out"), "--seq-len", "32", "--workers", "1",
+                       "--no-progress"])
+        error = capsys.readouterr().err
+        assert exit_info.value.code == 2 and error.count("\n") == 1
+        assert error.startswith(f"titanlite.prepare: {tmp_path / f'b{suffix}'}: empty file (0 bytes, no documents): "
+                                "remove it from the source, or skip it"), error
+    manifest = prep.prepare(settings_for(str(tmp_path / "*.*"), tokenizer, skip=True), tmp_path / "out", progress=False)
+    assert manifest["num_documents"] == 40
+
+
+def test_a_null_text_says_so_and_how_to_skip_it(tmp_path, tokenizer):
+    texts = generate_documents(20, seed=4)
+    source = tmp_path / "docs.jsonl"
+    source.write_text("".join(json.dumps({"text": None if i == 2 else t}) + "\n" for i, t in enumerate(texts)))
+    with pytest.raises(DataError, match=r"docs.jsonl document 3: no text \(null\): remove or fix it, or count and skip "
+                                        r"such documents \(.*--skip-bad-documents"):
+        prep.prepare(settings_for(str(source), tokenizer), tmp_path / "out", progress=False)
+    manifest = prep.prepare(settings_for(str(source), tokenizer, skip=True), tmp_path / "skip", progress=False)
+    assert manifest["skipped_documents"] == {"no text": 1} and manifest["num_documents"] == 19

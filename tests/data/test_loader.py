@@ -364,3 +364,20 @@ def test_a_manifest_with_or_without_the_source_fingerprint_reads_the_same_rows(p
     assert "source_fingerprint" not in json.loads((folder / "manifest.json").read_text())
     with_it, without_it = (take(loader_of(loader_config(source), tokenizer, 0, 1), 3) for source in (prepared[0], folder))
     assert row_ids(with_it, prepared[2]) == row_ids(without_it, prepared[2])
+
+
+def test_a_mistyped_local_path_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
+    """data/fw_prepared where data/ exists: a path that is missing, refused at once (as a hub id it cost
+    ~30 s of retries and ~24 lines); a hub id whose first part is no local folder stays a hub id."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    with pytest.raises(DataError, match=r"^data.source=data/fw_prepared: no such file or folder: check the path$"):
+        check_source(loader_config("data/fw_prepared"))
+    assert find_source("HuggingFaceFW/fineweb-edu", SEQ_LEN).files == []  # still a hub dataset
+
+
+def test_an_empty_raw_file_is_one_line(tmp_path, tokenizer):
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    with pytest.raises(DataError, match=r"empty.jsonl: empty file \(0 bytes, no documents\): .*"
+                                        r"data.skip_bad_documents=true"):
+        loader_of(loader_config(tmp_path / "empty.jsonl"), tokenizer, 0, 1)
