@@ -223,6 +223,10 @@ def test_cli_prints_the_completion_and_its_ids(checkpoint):
     (["--prompt", "hi", "--top-p", "1.5"], "--top-p"),
     (["--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens"),
     (["--prompt", "hi", "--temperature", "warm"], "--temperature"),
+    (["--prompt", "hi", "--temperature", "nan"], "--temperature nan: must be a finite number >= 0"),
+    (["--prompt", "hi", "--temperature", "inf"], "--temperature inf: must be a finite number >= 0"),
+    (["--prompt", "hi", "--temperature", "1", "--top-p", "nan"], "--top-p nan: must be in (0, 1]"),
+    (["--prompt", "hi", "--temperature", "1", "--top-p", "inf"], "--top-p inf: must be in (0, 1]"),
 ])
 def test_cli_bad_arguments_exit_2_with_one_line(checkpoint, capsys, arguments, culprit):
     with pytest.raises(SystemExit) as exit_info:

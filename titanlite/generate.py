@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -164,9 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_arguments(args: argparse.Namespace) -> None:
-    if args.temperature < 0:
-        raise GenerateError(f"--temperature {args.temperature}: must be >= 0 (0 = greedy)")
-    if not 0 < args.top_p <= 1:
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise GenerateError(f"--temperature {args.temperature}: must be a finite number >= 0 (0 = greedy)")
+    if not 0 < args.top_p <= 1:  # also false for nan
         raise GenerateError(f"--top-p {args.top_p}: must be in (0, 1] (1 = no nucleus cut)")
     if args.max_new_tokens < 1:
         raise GenerateError(f"--max-new-tokens {args.max_new_tokens}: must be >= 1")
