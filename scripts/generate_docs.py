@@ -22,7 +22,8 @@ PACKAGE = ROOT / "titanlite"
 def allowed(rules: dict) -> str:
     if rules["choices"]:
         return " \\| ".join(f"`{choice}`" for choice in rules["choices"])
-    bounds = [f"{word} {rules[key]:g}" for key, word in (("gt", ">"), ("ge", ">="), ("le", "<=")) if rules[key] is not None]
+    words = (("gt", ">"), ("ge", ">="), ("le", "<="), ("lt", "<"))
+    bounds = [f"{word} {rules[key]:g}" for key, word in words if rules[key] is not None]
     return ", ".join(bounds)
 
 

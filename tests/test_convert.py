@@ -327,3 +327,138 @@ def test_seed_checkpoint_holds_the_initial_weights(tmp_path, capsys):
     model.init_weights(seed=11)
     assert weights.keys() == model.state_dict().keys()
     assert all(torch.equal(weights[n], t) for n, t in model.state_dict().items())
+
+
+def test_to_hf_loads_a_checkpoint_without_checksums_only_with_load_unverified(checkpoint, tmp_path, capsys):
+    path, _ = checkpoint
+    meta = json.loads((path / "meta.json").read_text())
+    del meta["crc32"]
+    (path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["to-hf", str(path), str(tmp_path / "hf")])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and error.count("\n") == 1 and "--load-unverified" in error
+    assert not (tmp_path / "hf").exists()
+    main(["to-hf", str(path), str(tmp_path / "hf"), "--load-unverified"])
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
+
+
+def test_seed_and_import_refuse_to_replace_a_checkpoint_unless_overwrite(checkpoint, tmp_path, capsys):
+    main(["seed", str(tmp_path / "seed"), *TINY, "--training.seed", "1"])
+    first, _ = load_model_weights(tmp_path / "seed" / "step-00000000")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["seed", str(tmp_path / "seed"), *TINY, "--training.seed", "2"])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and error == (f"titanlite.convert: {tmp_path / 'seed' / 'step-00000000'} already "
+                                                   "exists: pass --overwrite to replace it, or choose another "
+                                                   "OUT_FOLDER\n")
+    assert all(torch.equal(t, load_model_weights(tmp_path / "seed" / "step-00000000")[0][n]) for n, t in first.items())
+    main(["seed", str(tmp_path / "seed"), *TINY, "--training.seed", "2", "--overwrite"])
+    second, _ = load_model_weights(tmp_path / "seed" / "step-00000000")
+    assert not torch.equal(first["output.weight"], second["output.weight"])
+    path, _ = checkpoint
+    export_to_hf(path, tmp_path / "hf")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["from-hf", str(tmp_path / "hf"), str(tmp_path / "seed")])
+    assert exit_info.value.code == 2 and "--overwrite" in capsys.readouterr().err
+    main(["from-hf", str(tmp_path / "hf"), str(tmp_path / "seed"), "--overwrite"])
+    imported, _ = load_model_weights(tmp_path / "seed" / "step-00000000")
+    assert torch.equal(imported["output.weight"], load_model_weights(path)[0]["output.weight"])
+
+
+def read_only_below(folder, monkeypatch):
+    """Storage mounted read-only at `folder` (tests run as root, which file modes do not stop)."""
+    import errno
+    from pathlib import Path
+
+    real_mkdir = Path.mkdir
+
+    def mkdir(self, *args, **kwargs):
+        if self == folder or folder in self.parents:
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+
+
+@pytest.mark.parametrize("command", ["to-hf", "seed"])
+def test_unusable_output_paths_are_one_line(checkpoint, tmp_path, capsys, monkeypatch, command):
+    path, _ = checkpoint
+    (tmp_path / "a_file").write_text("keep me")
+    head = ["to-hf", str(path)] if command == "to-hf" else ["seed"]
+    tail = [] if command == "to-hf" else TINY
+    key = "OUT_DIR" if command == "to-hf" else "OUT_FOLDER"
+    for out, words in ((tmp_path / "a_file", "is a file, not a folder"),
+                       (tmp_path / "ro" / "out", "is not writable (Read-only file system)")):
+        read_only_below(tmp_path / "ro", monkeypatch)
+        with pytest.raises(SystemExit) as exit_info:
+            main([*head, str(out), *tail])
+        error = capsys.readouterr().err
+        assert exit_info.value.code == 2 and error.startswith(f"titanlite.convert: {key} {out} {words}"), error
+        assert error.count("\n") == 1
+    assert (tmp_path / "a_file").read_text() == "keep me"
+
+
+def test_to_hf_on_a_full_disk_is_one_line(checkpoint, tmp_path, capsys, monkeypatch):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full_disk(*args, **kwargs):  # what safetensors raises when the disk fills up
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "serialize_file", full_disk)
+    path, _ = checkpoint
+    with pytest.raises(SystemExit) as exit_info:
+        main(["to-hf", str(path), str(tmp_path / "hf")])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and error.count("\n") == 1
+    assert error.startswith(f"titanlite.convert: cannot write the export to {tmp_path / 'hf'} (No space left on "
+                            "device (os error 28))"), error
+
+
+def test_seed_on_a_full_disk_is_one_line_and_leaves_no_partial_folder(tmp_path, capsys, monkeypatch):
+    import errno
+    from contextlib import contextmanager
+
+    from torch.distributed.checkpoint import filesystem
+
+    class FullDisk:  # a file whose every write fails as on a full disk
+        def __init__(self, file):
+            self.file = file
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.file, name)
+
+    original = filesystem.FileSystem.create_stream
+
+    @contextmanager
+    def create_stream(self, path, mode):
+        with original(self, path, mode) as stream:
+            yield FullDisk(stream) if "w" in mode else stream
+
+    monkeypatch.setattr(filesystem.FileSystem, "create_stream", create_stream)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["seed", str(tmp_path / "seed"), *TINY])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and error.count("\n") == 1
+    assert error.startswith(f"titanlite.convert: cannot write checkpoint {tmp_path / 'seed' / 'step-00000000'}: No "
+                            "space left on device"), error
+    assert list((tmp_path / "seed").iterdir()) == []  # the partial folder's space is given back
+
+
+def test_exported_files_get_the_normal_permissions(checkpoint, tmp_path):
+    import os
+    import stat
+
+    path, _ = checkpoint
+    old = os.umask(0o022)
+    try:
+        export_to_hf(path, tmp_path / "hf", max_shard_bytes=2**20)  # sharded: every shard, the index too
+    finally:
+        os.umask(old)
+    files = sorted((tmp_path / "hf").iterdir())
+    assert len([f for f in files if f.suffix == ".safetensors"]) > 1
+    assert {f.name: oct(stat.S_IMODE(f.stat().st_mode)) for f in files} == {f.name: "0o644" for f in files}

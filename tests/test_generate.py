@@ -223,6 +223,10 @@ def test_cli_prints_the_completion_and_its_ids(checkpoint):
     (["--prompt", "hi", "--top-p", "1.5"], "--top-p"),
     (["--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens"),
     (["--prompt", "hi", "--temperature", "warm"], "--temperature"),
+    (["--prompt", "hi", "--temperature", "nan"], "--temperature nan: must be a finite number >= 0"),
+    (["--prompt", "hi", "--temperature", "inf"], "--temperature inf: must be a finite number >= 0"),
+    (["--prompt", "hi", "--temperature", "1", "--top-p", "nan"], "--top-p nan: must be in (0, 1]"),
+    (["--prompt", "hi", "--temperature", "1", "--top-p", "inf"], "--top-p inf: must be in (0, 1]"),
 ])
 def test_cli_bad_arguments_exit_2_with_one_line(checkpoint, capsys, arguments, culprit):
     with pytest.raises(SystemExit) as exit_info:
@@ -246,3 +250,15 @@ def test_cli_bad_checkpoints_exit_2_with_one_line(tmp_path, checkpoint, capsys):
     result = subprocess.run([sys.executable, "-m", "titanlite.generate", str(tmp_path / "nowhere"), "--prompt", "hi"],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_cli_loads_a_checkpoint_without_checksums_only_with_load_unverified(checkpoint, capsys):
+    meta = json.loads((checkpoint / "meta.json").read_text())
+    del meta["crc32"]
+    (checkpoint / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(checkpoint), "--prompt", "hi", "--max-new-tokens", "2"])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(error.strip().splitlines()) == 1 and "--load-unverified" in error
+    main([str(checkpoint), "--prompt", "hi", "--max-new-tokens", "2", "--load-unverified", "--json"])
+    assert len(json.loads(capsys.readouterr().out)["completion_ids"]) <= 2

@@ -116,6 +116,25 @@ def test_cli_prints_the_plan_and_rejects_bad_configs(capsys):
     assert exit_info.value.code == 2
 
 
+@pytest.mark.parametrize("arguments, message", [
+    (["--ngpu", "0"], "--ngpu 0: must be >= 1"),  # was taken for "not given": planned 64 GPUs
+    (["--ngpu", "-8"], "--ngpu -8: must be >= 1"),  # planned -159.5 days
+    (["--mfu", "0"], "--mfu 0.0: must be in (0, 1]"),
+    (["--mfu", "nan"], "--mfu nan: must be in (0, 1]"),
+    (["--mfu", "inf"], "--mfu inf: must be in (0, 1]"),
+    (["--mfu", "40"], "--mfu 40.0: must be in (0, 1] (a fraction of the peak: 0.4 is 40%)"),
+    (["--peak-tflops", "0"], "--peak-tflops 0.0: must be a finite number > 0"),
+    (["--peak-tflops", "nan"], "--peak-tflops nan: must be a finite number > 0"),
+    (["--gpu-memory-gib", "-80"], "--gpu-memory-gib -80.0: must be a finite number > 0"),
+])
+def test_cli_bad_numbers_are_one_line(capsys, arguments, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", "7b_4k.toml", *arguments])
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 2 and captured.out == ""
+    assert captured.err.startswith(f"titanlite.plan: {message}") and captured.err.count("\n") == 1, captured.err
+
+
 def test_performance_table_is_generated_from_the_results():
     import importlib.util
     from pathlib import Path

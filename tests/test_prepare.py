@@ -1,6 +1,7 @@
 """titanlite.prepare (and titanlite.documents): packing, determinism, resume, re-runs, bad input."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -246,3 +247,144 @@ def test_cli(tmp_path, capsys, corpus):
     prep.main([*again, "--overwrite"])
     assert "prepared 60 documents" in capsys.readouterr().out
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["seq_len"] == 48
+
+
+def test_a_changed_source_is_refused_never_mixed(tmp_path, tokenizer, monkeypatch):
+    """The source file grew (a finished preparation) or was edited in place after a kill (an unfinished
+    one): refused, naming the file; --overwrite prepares the new data from scratch."""
+    texts = generate_documents(120, seed=8)
+    source = write_jsonl(tmp_path / "docs.jsonl", texts[:60])
+    settings, out = settings_for(str(source), tokenizer), tmp_path / "out"
+    manifest = prep.prepare(settings, out, progress=False)
+    recorded = manifest["source_fingerprint"]["files"][str(source)]
+    assert recorded["bytes"] == source.stat().st_size and recorded["sha256"] == prep.file_sha256(source)
+    before = folder_bytes(out)
+    write_jsonl(source, texts)  # 60 more documents
+    with pytest.raises(DataError, match=rf"out holds a finished preparation of other data \({re.escape(str(source))} "
+                                        r"changed since: \d+ -> \d+ bytes\): pass --overwrite"):
+        prep.prepare(settings, out, progress=False)
+    assert folder_bytes(out) == before
+    assert prep.prepare(settings, out, progress=False, overwrite=True)["num_documents"] == 120
+    # Killed after two shards, then one character edited (same size): resuming would mix old and new rows.
+    real_write = prep.write_shard
+
+    def interrupted_write(path, *args):
+        if path.name == "shard_00002.parquet":
+            raise Interrupt
+        return real_write(path, *args)
+
+    monkeypatch.setattr(prep, "write_shard", interrupted_write)
+    with pytest.raises(Interrupt):
+        prep.prepare(settings, tmp_path / "cut", progress=False)
+    monkeypatch.undo()
+    source.write_text(source.read_text().replace("a", "b", 1))
+    with pytest.raises(DataError, match=r"cut holds an unfinished preparation of other data \(.*docs.jsonl changed "
+                                        r"since: same size, other content\)"):
+        prep.prepare(settings, tmp_path / "cut", progress=False)
+    prep.prepare(settings, tmp_path / "cut", progress=False, overwrite=True)
+    prep.prepare(settings, tmp_path / "fresh", progress=False)
+    assert folder_bytes(tmp_path / "cut") == folder_bytes(tmp_path / "fresh")
+
+
+def test_a_preparation_recorded_without_fingerprint_is_kept(tmp_path, corpus, tokenizer):
+    """A manifest from before source fingerprints: nothing to compare, kept as it was."""
+    folder, _ = corpus
+    settings, out = settings_for(str(folder), tokenizer), tmp_path / "out"
+    manifest = prep.prepare(settings, out, progress=False)
+    del manifest["source_fingerprint"]
+    prep.write_json(out / "manifest.json", manifest)
+    before = folder_bytes(out)
+    assert prep.prepare(settings, out, progress=False) == manifest and folder_bytes(out) == before
+
+
+def test_unusable_output_is_one_line(tmp_path, corpus, capsys, monkeypatch):
+    import errno
+
+    folder, _ = corpus
+    (tmp_path / "a_file").write_text("keep me")
+    real_mkdir = Path.mkdir
+
+    def mkdir(self, *args, **kwargs):  # storage mounted read-only (root ignores file modes)
+        if tmp_path / "ro" in (self, *self.parents):
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    for output, words in ((tmp_path / "a_file", "is a file, not a folder: choose another path"),
+                          (tmp_path / "ro" / "out", "is not writable (Read-only file system)")):
+        with pytest.raises(SystemExit) as exit_info:
+            prep.main(["--source", str(folder), "--output", str(output), "--seq-len", "32", "--no-progress"])
+        error = capsys.readouterr().err
+        assert exit_info.value.code == 2 and error.startswith(f"titanlite.prepare: --output {output} {words}"), error
+        assert error.count("\n") == 1
+    assert (tmp_path / "a_file").read_text() == "keep me"
+
+
+def test_a_full_disk_is_one_line_and_the_same_command_resumes(tmp_path, corpus, capsys, monkeypatch):
+    import errno
+
+    import pyarrow.parquet
+
+    folder, _ = corpus
+    arguments = ["--source", str(folder), "--output", str(tmp_path / "out"), "--seq-len", "32", "--workers", "1",
+                 "--rows-per-shard", "10", "--no-progress"]
+    real_write, written = pyarrow.parquet.write_table, []
+
+    def fills_up(table, where, **kwargs):  # room for two shards; the third is cut short, as by a full disk
+        if len(written) == 2:
+            Path(where).write_bytes(b"half a shard")
+            raise OSError(errno.ENOSPC, "Error writing bytes to file. Detail: [errno 28] No space left on device")
+        written.append(where)
+        return real_write(table, where, **kwargs)
+
+    monkeypatch.setattr(pyarrow.parquet, "write_table", fills_up)
+    with pytest.raises(SystemExit) as exit_info:
+        prep.main(arguments)
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and error.count("\n") == 1
+    assert error == (f"titanlite.prepare: --output {tmp_path / 'out'}: cannot write shard_00002.parquet (No space left "
+                     "on device): finished shards are kept; free space (or choose another --output), then re-run "
+                     "the same command to resume\n")
+    assert sorted(p.name for p in (tmp_path / "out").glob("shard_*")) == ["shard_00000.parquet", "shard_00001.parquet"]
+    monkeypatch.undo()
+    prep.main(arguments)
+    prep.main([*arguments[:3], str(tmp_path / "fresh"), *arguments[4:]])
+    assert folder_bytes(tmp_path / "out") == folder_bytes(tmp_path / "fresh")
+
+
+@pytest.mark.parametrize("flag", ["--rows-per-shard", "--max-documents"])
+def test_negative_counts_are_one_line(tmp_path, corpus, capsys, flag):
+    folder, _ = corpus
+    with pytest.raises(SystemExit) as exit_info:
+        prep.main(["--source", str(folder), "--output", str(tmp_path / "out"), "--seq-len", "32", flag, "-1"])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and error == f"titanlite.prepare: {flag} -1: must be >= 0 (0: the default)\n"
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet", ".txt"])
+def test_an_empty_file_is_named_or_skipped(tmp_path, tokenizer, capsys, suffix):
+    """A 0-byte file (a failed download) as --source, or inside a glob: `datasets` raised a bare StopIteration."""
+    texts = generate_documents(40, seed=3)
+    write_jsonl(tmp_path / "a.jsonl", texts)
+    (tmp_path / f"b{suffix}").write_bytes(b"")
+    for source in (tmp_path / f"b{suffix}", tmp_path / "*.*"):
+        with pytest.raises(SystemExit) as exit_info:
+            prep.main(["--source", str(source), "--output", str(tmp_path / "out"), "--seq-len", "32", "--workers", "1",
+                       "--no-progress"])
+        error = capsys.readouterr().err
+        assert exit_info.value.code == 2 and error.count("\n") == 1
+        assert error.startswith(f"titanlite.prepare: {tmp_path / f'b{suffix}'}: empty file (0 bytes, no documents): "
+                                "remove it from the source, or skip it"), error
+    manifest = prep.prepare(settings_for(str(tmp_path / "*.*"), tokenizer, skip=True), tmp_path / "out", progress=False)
+    assert manifest["num_documents"] == 40
+
+
+def test_a_null_text_says_so_and_how_to_skip_it(tmp_path, tokenizer):
+    texts = generate_documents(20, seed=4)
+    source = tmp_path / "docs.jsonl"
+    source.write_text("".join(json.dumps({"text": None if i == 2 else t}) + "\n" for i, t in enumerate(texts)))
+    with pytest.raises(DataError, match=r"docs.jsonl document 3: no text \(null\): remove or fix it, or count and skip "
+                                        r"such documents \(.*--skip-bad-documents"):
+        prep.prepare(settings_for(str(source), tokenizer), tmp_path / "out", progress=False)
+    manifest = prep.prepare(settings_for(str(source), tokenizer, skip=True), tmp_path / "skip", progress=False)
+    assert manifest["skipped_documents"] == {"no text": 1} and manifest["num_documents"] == 19

@@ -1,8 +1,8 @@
 """Checkpoint conversion: to and from Hugging Face Llama format, and seed checkpoints.
 
-    python -m titanlite.convert to-hf   CHECKPOINT OUT_DIR [--dtype bfloat16] [--tokenizer PATH]
-    python -m titanlite.convert from-hf HF_DIR OUT_FOLDER [--config NAME] [--section.key value ...]
-    python -m titanlite.convert seed    OUT_FOLDER --config NAME [--section.key value ...]
+    python -m titanlite.convert to-hf   CHECKPOINT OUT_DIR [--dtype bfloat16] [--tokenizer PATH] [--load-unverified]
+    python -m titanlite.convert from-hf HF_DIR OUT_FOLDER [--config NAME] [--overwrite] [--section.key value ...]
+    python -m titanlite.convert seed    OUT_FOLDER --config NAME [--overwrite] [--section.key value ...]
 
 to-hf writes what `LlamaForCausalLM` and `AutoTokenizer.from_pretrained` load: config.json (both
 RoPE layouts, bos/eos ids; titanlite/checkpoint/hf_config.py), generation_config.json, safetensors (sharded
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from titanlite.checkpoint.hf import ConvertError, from_hf_state, to_hf_state
+from titanlite.checkpoint.folders import step_folder
 from titanlite.checkpoint.hf_config import HFConfigError, apply_hf_config, hf_config
 from titanlite.checkpoint.storage import CheckpointError
 from titanlite.checkpoint.weights import load_model_weights, save_model_checkpoint
@@ -37,16 +39,46 @@ from titanlite.config.resolve import concrete_config
 from titanlite.config.settings import Config, ConfigError
 from titanlite.data.hf_tokenizer import write_hf_tokenizer
 from titanlite.data.tokenizer import TokenizerError, build_tokenizer
+from titanlite.job.folder import why_not_writable
 from titanlite.model.transformer import build_model
 
 
+def check_out_folder(folder: Path, key: str) -> None:
+    """Create `folder` if needed, or raise a ConvertError saying why it cannot hold the output
+    (a file in the way, read-only storage). key: the argument, for the message."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ConvertError(f"{key} {folder} is a file, not a folder: choose another path")
+    reason = why_not_writable(folder)
+    if reason:
+        raise ConvertError(f"{key} {folder} is not writable ({reason}): choose another folder or fix its permissions")
+
+
+def refuse_existing(out_folder: Path, overwrite: bool) -> None:
+    """An earlier seed or import in out_folder is replaced only on request: it may be the one a run started from."""
+    existing = step_folder(out_folder, 0)
+    if existing.exists() and not overwrite:
+        raise ConvertError(f"{existing} already exists: pass --overwrite to replace it, or choose another OUT_FOLDER")
+
+
+def _give_normal_permissions(paths) -> None:
+    """safetensors writes through a private temporary file (mode 0600): give the files the mode any
+    other new file gets (0666 less the umask), so others on a shared filesystem can read them."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in paths:
+        os.chmod(path, 0o666 & ~umask)
+
+
 def export_to_hf(checkpoint: Path, out_dir: Path, dtype: torch.dtype | None = None,
-                 max_shard_bytes: int = 5 * 2**30, tokenizer_path: str | None = None) -> Path:
+                 max_shard_bytes: int = 5 * 2**30, tokenizer_path: str | None = None,
+                 load_unverified: bool = False) -> Path:
     """Write `checkpoint` (any complete titanlite checkpoint) as an HF Llama folder with its tokenizer.
 
     The tokenizer is the checkpoint's tokenizer.path unless `tokenizer_path` is given.
+    load_unverified: accept a checkpoint without checksums.
     """
-    weights, meta = load_model_weights(checkpoint)
+    weights, meta = load_model_weights(checkpoint, load_unverified)
     config = config_from_dict(meta["config"])
     path = tokenizer_path or config.tokenizer.path
     try:
@@ -66,13 +98,19 @@ def export_to_hf(checkpoint: Path, out_dir: Path, dtype: torch.dtype | None = No
     except HFConfigError as error:
         raise ConvertError(f"{checkpoint}: {error}") from None
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_torch_state_dict(state, out_dir, max_shard_size=max_shard_bytes, metadata={"format": "pt"})
-    (out_dir / "config.json").write_text(json.dumps(hf, indent=2))
-    generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
-    (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2))
-    write_hf_tokenizer(tokenizer.byte_pair_encoding(), out_dir,
-                       model_max_length=max(config.training.seq_len, hf["max_position_embeddings"]))
+    check_out_folder(out_dir, "OUT_DIR")
+    try:
+        save_torch_state_dict(state, out_dir, max_shard_size=max_shard_bytes, metadata={"format": "pt"})
+        _give_normal_permissions(out_dir.glob("model*.safetensors"))
+        (out_dir / "config.json").write_text(json.dumps(hf, indent=2))
+        generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
+        (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2))
+        write_hf_tokenizer(tokenizer.byte_pair_encoding(), out_dir,
+                           model_max_length=max(config.training.seq_len, hf["max_position_embeddings"]))
+    except (OSError, SafetensorError) as error:  # safetensors reports a full disk as a SafetensorError
+        reason = error.strerror if isinstance(error, OSError) else str(error).rpartition("I/O error: ")[2]
+        raise ConvertError(f"cannot write the export to {out_dir} ({reason}): its files are incomplete; free space "
+                           "or choose another OUT_DIR, then convert again") from None
     return out_dir
 
 
@@ -97,12 +135,14 @@ def read_hf_folder(hf_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return hf, tensors
 
 
-def import_from_hf(hf_dir: Path, out_folder: Path, config: Config) -> Path:
+def import_from_hf(hf_dir: Path, out_folder: Path, config: Config, overwrite: bool = False) -> Path:
     """A model-only titanlite checkpoint out_folder/step-00000000 from an HF Llama folder.
 
     tokenizer.path: kept if set; else the folder's tokenizer.json (refused if titanlite cannot run it).
+    An existing out_folder/step-00000000 is refused unless `overwrite`.
     """
     hf_dir = Path(hf_dir)
+    refuse_existing(out_folder, overwrite)
     hf, tensors = read_hf_folder(hf_dir)
     try:
         apply_hf_config(hf, config)
@@ -123,11 +163,15 @@ def import_from_hf(hf_dir: Path, out_folder: Path, config: Config) -> Path:
         raise ConvertError(f"tokenizer.path={config.tokenizer.path} has {tokenizer.vocab_size} ids, more than "
                            f"vocab_size={config.model.vocab_size} in {hf_dir / 'config.json'}: pass --tokenizer.path")
     weights = from_hf_state(tensors, config.model, bool(hf.get("tie_word_embeddings")), hf_dir)
+    check_out_folder(out_folder, "OUT_FOLDER")
     return save_model_checkpoint(weights, out_folder, 0, config)
 
 
-def write_seed_checkpoint(config: Config, out_folder: Path) -> Path:
-    """Initialize the full model on the CPU in this one process and save it as step 0 (model only)."""
+def write_seed_checkpoint(config: Config, out_folder: Path, overwrite: bool = False) -> Path:
+    """Initialize the full model on the CPU in this one process and save it as step 0 (model only).
+    An existing out_folder/step-00000000 is refused unless `overwrite`."""
+    refuse_existing(out_folder, overwrite)
+    check_out_folder(out_folder, "OUT_FOLDER")
     config = concrete_config(config, build_tokenizer(config.tokenizer.path).vocab_size)
     model = build_model(config.model, config.training.seq_len, device="cpu")
     model.init_weights(seed=config.training.seed)
@@ -144,6 +188,8 @@ def main(argv: list[str] | None = None) -> None:
                        help="cast the weights (default: keep the checkpoint's dtype, a bitwise export)")
     to_hf.add_argument("--tokenizer", default=None,
                        help="the tokenizer to export (default: the checkpoint's tokenizer.path)")
+    to_hf.add_argument("--load-unverified", action="store_true",
+                       help="load a checkpoint whose meta.json has no checksums (its data unverified)")
     from_hf = commands.add_parser("from-hf", help="HF Llama folder -> model-only titanlite checkpoint")
     from_hf.add_argument("hf_dir", type=Path)
     from_hf.add_argument("out_folder", type=Path)
@@ -151,17 +197,19 @@ def main(argv: list[str] | None = None) -> None:
     seed.add_argument("out_folder", type=Path)
     for command in (from_hf, seed):
         command.add_argument("--config", default=None, help="TOML file or name in train_configs/")
+        command.add_argument("--overwrite", action="store_true",
+                             help="replace the step-00000000 checkpoint already in OUT_FOLDER")
     args, overrides = parser.parse_known_args(argv)
     if args.command == "to-hf" and overrides:  # config overrides are for from-hf and seed only
         parser.error(f"to-hf: unrecognized arguments: {' '.join(overrides)}")
     try:
         if args.command == "to-hf":
             out = export_to_hf(args.checkpoint, args.out_dir, getattr(torch, args.dtype) if args.dtype else None,
-                               tokenizer_path=args.tokenizer)
+                               tokenizer_path=args.tokenizer, load_unverified=args.load_unverified)
         else:
             config = load_config(args.config, overrides)
-            out = (import_from_hf(args.hf_dir, args.out_folder, config) if args.command == "from-hf"
-                   else write_seed_checkpoint(config, args.out_folder))
+            out = (import_from_hf(args.hf_dir, args.out_folder, config, args.overwrite) if args.command == "from-hf"
+                   else write_seed_checkpoint(config, args.out_folder, args.overwrite))
         print(f"wrote {out}")
     except (ConvertError, CheckpointError, ConfigError) as error:
         print(f"titanlite.convert: {error}", file=sys.stderr)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -94,13 +95,14 @@ def generate(model: Transformer, prompt: list[int], max_new_tokens: int, tempera
 # --- loading
 
 def load_model(checkpoint: Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-               max_seq_len: int = 0) -> tuple[Transformer, dict]:
+               max_seq_len: int = 0, load_unverified: bool = False) -> tuple[Transformer, dict]:
     """The checkpoint's model on `device` in `dtype` (RoPE tables stay float32), eval mode; and its meta.json.
 
-    max_seq_len: tokens the RoPE tables must cover (at least the trained seq_len).
+    max_seq_len: tokens the RoPE tables must cover (at least the trained seq_len). load_unverified:
+    accept a checkpoint without checksums.
     """
     checkpoint = Path(checkpoint)
-    weights, meta = load_model_weights(checkpoint)
+    weights, meta = load_model_weights(checkpoint, load_unverified)
     saved = meta.get("config") or {}
     try:  # settings added or removed since the checkpoint was written keep today's defaults or are ignored
         config = config_from_dict(saved).model
@@ -125,7 +127,7 @@ def load_model(checkpoint: Path, device: torch.device | str = "cpu", dtype: torc
     return model.eval(), meta
 
 
-def read_meta(checkpoint: Path) -> dict:
+def read_meta(checkpoint: Path, load_unverified: bool = False) -> dict:
     """meta.json of one complete checkpoint; a CheckpointError saying what to pass if it is not one."""
     checkpoint = Path(checkpoint)
     if checkpoint.is_dir() and not (checkpoint / "meta.json").exists():
@@ -133,7 +135,7 @@ def read_meta(checkpoint: Path) -> dict:
         if steps:
             raise CheckpointError(f"{checkpoint} is a folder of checkpoints, not one: pass one of them, "
                                   f"e.g. {steps[-1]}")
-    return read_checkpoint(checkpoint)[0]
+    return read_checkpoint(checkpoint, load_unverified)[0]
 
 
 # --- command line
@@ -156,14 +158,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="default: bfloat16 on cuda, float32 on cpu")
     parser.add_argument("--tokenizer", default=None, help="tokenizer.path to use instead of the checkpoint's")
     parser.add_argument("--json", action="store_true", help="print one JSON object with the token ids")
+    parser.add_argument("--load-unverified", action="store_true",
+                        help="load a checkpoint whose meta.json has no checksums (its data unverified)")
     parser.error = _fail  # one line, not argparse's usage block
     return parser
 
 
 def check_arguments(args: argparse.Namespace) -> None:
-    if args.temperature < 0:
-        raise GenerateError(f"--temperature {args.temperature}: must be >= 0 (0 = greedy)")
-    if not 0 < args.top_p <= 1:
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise GenerateError(f"--temperature {args.temperature}: must be a finite number >= 0 (0 = greedy)")
+    if not 0 < args.top_p <= 1:  # also false for nan
         raise GenerateError(f"--top-p {args.top_p}: must be in (0, 1] (1 = no nucleus cut)")
     if args.max_new_tokens < 1:
         raise GenerateError(f"--max-new-tokens {args.max_new_tokens}: must be >= 1")
@@ -189,7 +193,7 @@ def run(args: argparse.Namespace) -> dict:
     check_arguments(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    config = read_meta(args.checkpoint).get("config") or {}  # checks before the weights are read
+    config = read_meta(args.checkpoint, args.load_unverified).get("config") or {}  # checks before the weights are read
     tokenizer_path = args.tokenizer or config.get("tokenizer", {}).get("path", "default")
     tokenizer = build_tokenizer(tokenizer_path)
     prompt_ids = tokenizer.encode(args.prompt)
@@ -200,7 +204,7 @@ def run(args: argparse.Namespace) -> dict:
     if trained_len and total > trained_len:
         print(f"titanlite.generate: warning: up to {total} tokens, past the {trained_len} the model was trained "
               f"on: expect worse text past that", file=sys.stderr)
-    model, meta = load_model(args.checkpoint, device, dtype, max_seq_len=total)
+    model, meta = load_model(args.checkpoint, device, dtype, max_seq_len=total, load_unverified=args.load_unverified)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise GenerateError(f"tokenizer {tokenizer_path} has {tokenizer.vocab_size} ids but the model only "
                             f"{model.config.vocab_size}: pass the tokenizer the checkpoint was trained with (--tokenizer)")

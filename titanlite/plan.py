@@ -205,8 +205,21 @@ def render_layouts(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def argument_problem(args: argparse.Namespace) -> str | None:
+    """Why the command line's numbers cannot be planned with (None if they can). nan fails every test."""
+    if args.ngpu is not None and args.ngpu < 1:  # 0 was taken for "not given", and -8 planned -159.5 days
+        return f"--ngpu {args.ngpu}: must be >= 1"
+    for flag, value in (("--peak-tflops", args.peak_tflops), ("--gpu-memory-gib", args.gpu_memory_gib)):
+        if not (math.isfinite(value) and value > 0):
+            return f"{flag} {value}: must be a finite number > 0"
+    if not 0 < args.mfu <= 1:
+        return f"--mfu {args.mfu}: must be in (0, 1] (a fraction of the peak: 0.4 is 40%)"
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Plan a titanlite run: memory, time and warnings.",
+    parser = argparse.ArgumentParser(prog="python -m titanlite.plan",
+                                     description="Plan a titanlite run: memory, time and warnings.",
                                      epilog="Any config key can be overridden: --section.key value")
     parser.add_argument("--config", required=True, help="TOML file, or a name in train_configs/")
     parser.add_argument("--ngpu", type=int, default=None, help="GPUs (default: 64 for TP-8 recipes, else 1)")
@@ -216,6 +229,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compare-layouts", action="store_true", help="rank TP x FSDP / HSDP layouts for --ngpu")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     args, overrides = parser.parse_known_args(argv)
+    problem = argument_problem(args)
+    if problem:
+        print(f"titanlite.plan: {problem}", file=sys.stderr)
+        sys.exit(2)
     try:
         config = load_config(args.config, overrides)
         ngpu = args.ngpu or (64 if config.parallelism.tensor_parallel_degree == 8 else

@@ -557,6 +557,26 @@ def test_corrupt_data_is_refused_naming_the_file(saved):
         assert str(caught.value) == message
 
 
+def test_a_checkpoint_without_checksums_loads_only_when_unverified_data_is_allowed(saved):
+    """meta.json without crc32 (a damaged or hand-made one as likely as an old titanlite's): refused by the
+    Checkpointer and by the single-process reader, naming the setting; loaded once it is set."""
+    path, make_config = saved
+    meta = json.loads((path / "meta.json").read_text())
+    del meta["crc32"]
+    (path / "meta.json").write_text(json.dumps(meta))
+    expect_load_error(path, make_config(), f"checkpoint {path} has no checksums", "checkpoint.load_unverified=true",
+                      "--load-unverified")
+    with pytest.raises(CheckpointError, match="checkpoint.load_unverified=true"):
+        load_model_weights(path)
+    config = make_config()
+    config.checkpoint.load_unverified = True
+    states = build_states(config)
+    assert checkpointer_for(config, states).load(path) == 2 and states["train_state"].step == 2
+    weights, _ = load_model_weights(path, load_unverified=True)
+    for name, tensor in states["model"].state_dict().items():
+        assert torch.equal(weights[name], tensor), name
+
+
 def test_cli_names_a_bad_checkpoint_and_exits_1(tmp_path, capsys):
     from titanlite.train import main
 

@@ -37,7 +37,8 @@ def test_named_config_resolves_in_train_configs():
     (["--training.steps", "1.5"], "training.steps='1.5': expected int"),
     (["--compile.enable", "maybe"], "compile.enable='maybe': expected bool"),
     (["--optimizer.lr", "-1e-4"], "optimizer.lr=-0.0001: must be > 0"),
-    (["--optimizer.beta2", "1.5"], "optimizer.beta2=1.5: must be <= 1"),
+    (["--optimizer.beta2", "1.5"], "optimizer.beta2=1.5: must be < 1"),
+    (["--optimizer.beta1", "1"], "optimizer.beta1=1.0: must be < 1"),  # torch's AdamW refuses it
     (["--activation_checkpoint.mode", "some"], "allowed values are ['none', 'full', 'selective']"),
     (["--model.n_kv_heads", "3"], "model.n_kv_heads=3: must divide model.n_heads=8"),
     (["--training.steps"], "has no value"),
@@ -69,6 +70,9 @@ def test_bad_toml_files(tmp_path):
         load_config(write(tmp_path, "[model]\ndim = '3'\n[training]\nsteps = 1\n"))
     with pytest.raises(ConfigError, match="not found"):
         load_config("no_such_config")
+    (tmp_path / "latin1.toml").write_bytes(b'[job]\ndescription = "caf\xff"\n')
+    with pytest.raises(ConfigError, match=r"latin1.toml: not UTF-8 text \(byte 0xff on line 2\): save it as UTF-8$"):
+        load_config(str(tmp_path / "latin1.toml"))
 
 
 def test_toml_float_for_int_field_is_accepted_when_whole(tmp_path):

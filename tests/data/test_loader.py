@@ -289,8 +289,11 @@ def test_truncated_and_corrupt_shards(prepared, tmp_path, tokenizer):
         path.write_bytes(original[:100] + bytes(b ^ 0xFF for b in original[100:110]) + original[110:])
     check_source(loader_config(folder))  # cheap: sizes only, no shard is read
     loader = loader_of(loader_config(folder, "--data.num_workers", "1"), tokenizer, 0, 1)
-    with pytest.raises(DataError, match=r"shard .*shard_000\d\d.parquet: checksum differs.*re-run"):
-        take(loader, 1)  # raised in the worker, re-raised here: no hang
+    # raised in the worker, re-raised here with its own one line (not torch's worker traceback): no hang
+    with pytest.raises(DataError, match=r"^shard \S*shard_000\d\d.parquet: checksum differs from \S*manifest.json: "
+                                        r"the file is corrupt or was modified; re-run the same .*prepare command to "
+                                        r"rewrite it$"):
+        take(loader, 1)
 
 
 def test_bad_raw_documents_on_the_fly(tmp_path, tokenizer, caplog):
@@ -353,3 +356,31 @@ def test_data_wait_warning(caplog):
         assert not warn_if_data_bound(20, 0.9, config.metrics.data_wait_warn_fraction, config.data, first_window=True)  # a resumed run's first log step
     assert "20.0% of step time (threshold 5.0%)" in caplog.text and "raise data.num_workers (now 1)" in caplog.text
     assert "the device waits for data" in caplog.text and "GPU" not in caplog.text  # CPU runs get it too
+
+
+def test_a_manifest_with_or_without_the_source_fingerprint_reads_the_same_rows(prepared, tmp_path, tokenizer):
+    """manifest.json records the source's fingerprint now; manifests written before it still load."""
+    folder = copy_prepared(prepared, tmp_path)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["source_fingerprint"]["files"][str(prepared[1])]["sha256"]
+    edit_manifest(folder, source_fingerprint=None)
+    assert "source_fingerprint" not in json.loads((folder / "manifest.json").read_text())
+    with_it, without_it = (take(loader_of(loader_config(source), tokenizer, 0, 1), 3) for source in (prepared[0], folder))
+    assert row_ids(with_it, prepared[2]) == row_ids(without_it, prepared[2])
+
+
+def test_a_mistyped_local_path_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
+    """data/fw_prepared where data/ exists: a path that is missing, refused at once (as a hub id it cost
+    ~30 s of retries and ~24 lines); a hub id whose first part is no local folder stays a hub id."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    with pytest.raises(DataError, match=r"^data.source=data/fw_prepared: no such file or folder: check the path$"):
+        check_source(loader_config("data/fw_prepared"))
+    assert find_source("HuggingFaceFW/fineweb-edu", SEQ_LEN).files == []  # still a hub dataset
+
+
+def test_an_empty_raw_file_is_one_line(tmp_path, tokenizer):
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    with pytest.raises(DataError, match=r"empty.jsonl: empty file \(0 bytes, no documents\): .*"
+                                        r"data.skip_bad_documents=true"):
+        loader_of(loader_config(tmp_path / "empty.jsonl"), tokenizer, 0, 1)

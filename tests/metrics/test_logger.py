@@ -125,6 +125,23 @@ def test_an_unwritable_dump_folder_is_one_config_error(tmp_path):
         check_dump_folder(blocker / "run")
 
 
+def test_a_full_disk_stops_metrics_jsonl_not_the_run(tmp_path, caplog):
+    """/dev/full fails every write with ENOSPC, as a full disk does: one warning, and logging goes on."""
+    from pathlib import Path
+
+    if not Path("/dev/full").is_char_device():
+        pytest.skip("no /dev/full on this system")
+    (tmp_path / "metrics.jsonl").symlink_to("/dev/full")
+    logger = MetricLogger(tmp_path, 0, 1000, 0.0, tensorboard=False, jsonl=True, device=torch.device("cpu"))
+    with caplog.at_level(logging.WARNING, logger="titanlite"):
+        records = [logger.log(step, {"loss": 2.0}) for step in (1, 2, 3)]
+        logger.close()
+    assert logger.history == records
+    (warning,) = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
+    assert warning == (f"metrics: cannot write {tmp_path / 'metrics.jsonl'} (No space left on device): it stops at "
+                       "step 1, training goes on (the log lines keep the metrics)")
+
+
 # --- wandb (optional extra), in its offline mode: nothing leaves the machine
 
 def offline_wandb(monkeypatch, tmp_path):
@@ -223,3 +240,22 @@ def test_wandb_enabled_but_missing_is_one_config_error(tmp_path, monkeypatch):
                                           r"pip install 'titanlite\[wandb\]'"):
         start_wandb(load_config(None, ["--metrics.enable_wandb"]).metrics, {}, tmp_path)
     assert start_wandb(load_config(None).metrics, {}, tmp_path) is None  # off: wandb is never imported
+
+
+def test_wandb_without_an_api_key_is_one_config_error(tmp_path, monkeypatch):
+    """Online mode with no API key anywhere: wandb.init raises UsageError before any network access."""
+    pytest.importorskip("wandb", reason="wandb is not installed (pip install 'titanlite[wandb]'): W&B logging untested")
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    for name in ("HOME", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "NETRC"):
+        monkeypatch.setenv(name, str(tmp_path / "home"))
+    import wandb
+
+    wandb.teardown()  # the earlier tests' wandb set-up (offline mode, read once) would otherwise apply
+    settings = load_config(None, ["--metrics.enable_wandb"]).metrics
+    with pytest.raises(ConfigError) as caught:
+        start_wandb(settings, {}, tmp_path / "run")
+    message = str(caught.value)
+    assert message.startswith("metrics.enable_wandb=true but W&B cannot start (") and "\n" not in message
+    assert message.endswith("run `wandb login` (or set WANDB_API_KEY), or set WANDB_MODE=offline to log locally, or "
+                            "metrics.enable_wandb=false")

@@ -333,7 +333,7 @@ class Checkpointer:
             if path is None:
                 return None
         path = Path(path)
-        meta, metadata = read_checkpoint(path)
+        meta, metadata = read_checkpoint(path, self.settings.load_unverified)
         self.loaded_meta = meta
         model_only = model_only or bool(meta.get("model_only"))
         present = {key.split(".", 1)[0] for key in metadata.state_dict_metadata}

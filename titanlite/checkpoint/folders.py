@@ -81,8 +81,13 @@ def restore_replaced(folder: Path) -> list[Path]:
     return restored
 
 
-def read_checkpoint(path: Path):
-    """(meta.json dict, DCP Metadata) of a complete checkpoint, or a CheckpointError saying why not."""
+def read_checkpoint(path: Path, load_unverified: bool = False):
+    """(meta.json dict, DCP Metadata) of a complete checkpoint, or a CheckpointError saying why not.
+
+    A meta.json without checksums (crc32) is refused unless `load_unverified` (the setting
+    checkpoint.load_unverified; --load-unverified for the commands): every save writes them, so
+    their absence means a damaged or hand-made meta.json as likely as an older titanlite.
+    """
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} does not exist or is not a folder")
@@ -101,6 +106,10 @@ def read_checkpoint(path: Path):
     except (ValueError, KeyError, TypeError) as error:
         raise CheckpointError(f"{path / 'meta.json'} is corrupt ({error}): load an earlier checkpoint") from None
     checksums = meta.get("crc32")
+    if checksums is None and not load_unverified:
+        raise CheckpointError(f"checkpoint {path} has no checksums in meta.json (crc32), so its data cannot be "
+                              "verified: load it only if you trust it, with checkpoint.load_unverified=true "
+                              "(generate, convert to-hf: --load-unverified)")
     if checksums is not None and crc32_hex((path / ".metadata").read_bytes()) != checksums.get(".metadata"):
         raise CheckpointError(f"checkpoint file {path / '.metadata'} is corrupt (checksum mismatch): "
                               f"load an earlier checkpoint")
@@ -118,7 +127,7 @@ def read_checkpoint(path: Path):
             state = "missing" if actual is None else f"truncated ({actual:,} of {size:,} bytes)"
             raise CheckpointError(f"checkpoint file {path / name} is {state}: load an earlier checkpoint")
     if checksums is None:
-        logger.warning("checkpoint %s has no checksums (saved by an older titanlite): its data is not verified", path)
+        logger.warning("checkpoint %s has no checksums: its data is loaded unverified (load_unverified)", path)
     logger.debug("checkpoint %s: step %d", path, step)
     return meta, metadata
 

@@ -6,6 +6,7 @@ checkpoint saved under any layout, and writes a model-only one without torch.dis
 
 from __future__ import annotations
 
+import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -19,9 +20,10 @@ from titanlite.checkpoint.storage import (CheckpointError, ChecksummedFileSystem
                                           describe, first_failure)
 
 
-def load_model_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """Full (unsharded) model tensors of a checkpoint, on CPU, read by this one process; and meta.json."""
-    meta, metadata = read_checkpoint(path)
+def load_model_weights(path: Path, load_unverified: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
+    """Full (unsharded) model tensors of a checkpoint, on CPU, read by this one process; and meta.json.
+    load_unverified: accept a meta.json without checksums (read_checkpoint)."""
+    meta, metadata = read_checkpoint(path, load_unverified)
     template = {key.removeprefix("model."): torch.empty(entry.size, dtype=entry.properties.dtype)
                 for key, entry in metadata.state_dict_metadata.items()
                 if key.startswith("model.") and isinstance(entry, TensorStorageMetadata)}
@@ -39,10 +41,19 @@ def save_model_checkpoint(weights: dict[str, torch.Tensor], folder: Path, step: 
     """A model-only checkpoint `folder/step-N`, written by this one process (seed, HF import)."""
     final = step_folder(folder, step)
     partial = final.with_name(final.name + PARTIAL)
-    fresh_folder(partial, final)
-    dcp.save({"model": weights}, storage_writer=ChecksummedFileSystemWriter(str(partial), thread_count=8),
-             no_dist=True)
-    publish(partial, final, {"step": step, "tokens_seen": 0, "model_only": True, "layout": {"world_size": 1},
-                             "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                             "torch_version": torch.__version__, "config": config.to_dict()})
+    meta = {"step": step, "tokens_seen": 0, "model_only": True, "layout": {"world_size": 1},
+            "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "torch_version": torch.__version__, "config": config.to_dict()}
+    try:
+        fresh_folder(partial, final)
+        dcp.save({"model": weights}, storage_writer=ChecksummedFileSystemWriter(str(partial), thread_count=8),
+                 no_dist=True)
+        publish(partial, final, meta)
+    except (Exception, CheckpointException) as error:  # noqa: BLE001 - DCP's is a BaseException
+        cause = first_failure(error)
+        if not isinstance(cause, OSError):
+            raise
+        shutil.rmtree(partial, ignore_errors=True)  # a full disk: free what the failed save took
+        raise CheckpointError(f"cannot write checkpoint {final}: {cause.strerror or cause} ({cause.filename}); "
+                              "nothing was replaced: free space or choose another folder") from None
     return final

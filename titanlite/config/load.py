@@ -112,9 +112,15 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
     if path:
         toml_path = resolve_config_path(path)
         try:
-            data = tomllib.loads(toml_path.read_text())
+            data = tomllib.loads(toml_path.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as error:
             raise ConfigError(f"{toml_path}: invalid TOML: {error}") from None
+        except UnicodeDecodeError as error:  # TOML is UTF-8 by definition
+            line = error.object[:error.start].count(b"\n") + 1
+            raise ConfigError(f"{toml_path}: not UTF-8 text (byte 0x{error.object[error.start]:02x} on line {line}): "
+                              "save it as UTF-8") from None
+        except OSError as error:
+            raise ConfigError(f"{toml_path}: cannot be read ({error.strerror or error})") from None
         for section, values in data.items():
             if not isinstance(values, dict):
                 raise ConfigError(f"{toml_path}: top-level key {section!r} must be a [section] table")
@@ -164,7 +170,7 @@ def validate(config: Config) -> None:
         if rules["choices"] is not None and value not in rules["choices"]:
             raise ConfigError(f"{dotted}={value!r}: allowed values are {list(rules['choices'])}")
         for bound, fails, words in (("gt", lambda v, b: v <= b, "> {}"), ("ge", lambda v, b: v < b, ">= {}"),
-                                    ("le", lambda v, b: v > b, "<= {}")):
+                                    ("le", lambda v, b: v > b, "<= {}"), ("lt", lambda v, b: v >= b, "< {}")):
             if rules[bound] is not None and fails(value, rules[bound]):
                 raise ConfigError(f"{dotted}={value}: must be {words.format(rules[bound])}")
     model = config.model

@@ -18,9 +18,9 @@ class ConfigError(ValueError):
 
 
 def setting(default, help: str, *, choices: tuple | None = None, ge: float | None = None,
-            gt: float | None = None, le: float | None = None):
+            gt: float | None = None, le: float | None = None, lt: float | None = None):
     """A config field: default, one-line help, and the allowed values (choices) or bounds."""
-    return field(default=default, metadata={"help": help, "choices": choices, "ge": ge, "gt": gt, "le": le})
+    return field(default=default, metadata={"help": help, "choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt})
 
 
 @dataclass
@@ -96,8 +96,9 @@ class Optimizer:
     name: str = setting("adamw", "adamw (torch), or adamw8bit: torchao's AdamW with 8-bit moments (~2 instead of "
                                  "8 bytes of state per parameter)", choices=("adamw", "adamw8bit"))
     lr: float = setting(3e-4, "peak learning rate", gt=0)
-    beta1: float = setting(0.9, "AdamW beta1", ge=0, le=1)
-    beta2: float = setting(0.95, "AdamW beta2", ge=0, le=1)
+    # torch's AdamW refuses beta = 1 (the bias correction divides by 1 - beta^t)
+    beta1: float = setting(0.9, "AdamW beta1", ge=0, lt=1)
+    beta2: float = setting(0.95, "AdamW beta2", ge=0, lt=1)
     eps: float = setting(1e-8, "AdamW epsilon", ge=0)
     weight_decay: float = setting(0.1, "decoupled weight decay (not on norms)", ge=0)
     implementation: str = setting("auto", "auto: on CUDA compiled (one compiled kernel per parameter, "
@@ -176,6 +177,8 @@ class Checkpoint:
     write_threads: int = setting(8, "files each rank writes (and reads on load) in parallel", gt=0)
     initial_load_path: str = setting("", "with nothing to resume: start from this checkpoint (seed, HF import)")
     initial_load_model_only: bool = setting(True, "take only the weights from initial_load_path (step 0)")
+    load_unverified: bool = setting(False, "load a checkpoint whose meta.json has no checksums (crc32), its data "
+                                           "unverified; off: such a checkpoint is refused")
 
 
 @dataclass

@@ -64,7 +64,8 @@ def build_settings(source: str, tokenizer: Tokenizer, seq_len: int, rows_per_sha
 
 def resolve_files(source: str, key: str = "--source") -> list[str]:
     """Local files for `source` (a file, a folder searched recursively, or a glob); [] for a hub id.
-    `key` names the setting in error messages (--source, data.source)."""
+    A value starting with . / ~, ending in a data file's extension, or whose first folder exists
+    here is a local path, never a hub id. `key` names the setting in error messages (--source, data.source)."""
     path = Path(source).expanduser()
     if path.is_file():
         files = [path]
@@ -77,7 +78,9 @@ def resolve_files(source: str, key: str = "--source") -> list[str]:
         files = [Path(p) for p in glob.glob(os.path.expanduser(source), recursive=True)]
         if not files:
             raise DataError(f"{key}={source}: the pattern matches no file: check the pattern")
-    elif source.startswith((".", "/", "~")) or path.suffix in EXTENSION_FORMATS:
+    elif source.startswith((".", "/", "~")) or path.suffix in EXTENSION_FORMATS or (
+            path.parts and Path(path.parts[0]).exists()):
+        # data/fw_prepared with data/ here is a mistyped path: taken for a hub id, it costs ~30 s of retries
         raise DataError(f"{key}={source}: no such file or folder: check the path")
     else:
         return []  # a hub id
@@ -122,10 +125,16 @@ def iter_texts(settings: Settings, cache_dir: Path) -> Iterator[tuple[str, int, 
         # empty document (paragraphs, code and man pages are full of them).
         options = {"sample_by": "document"} if builder == "text" else {}
         field = "text" if builder == "text" else settings.text_field  # the text builder's one column
-        dataset = datasets.load_dataset(builder, data_files=[file], split="train", streaming=True,
-                                        cache_dir=str(cache_dir), **options)
+        if os.path.getsize(file) == 0:  # `datasets` fails on it with a bare StopIteration
+            if settings.skip_bad_documents:
+                continue
+            raise DataError(f"{file}: empty file (0 bytes, no documents): remove it from the source, or skip it "
+                            "with the bad documents (titanlite.prepare --skip-bad-documents; "
+                            "data.skip_bad_documents=true for a raw data.source)")
         row = -1
         try:
+            dataset = datasets.load_dataset(builder, data_files=[file], split="train", streaming=True,
+                                            cache_dir=str(cache_dir), **options)
             for row, record in enumerate(dataset):
                 yield file, row, _text_of(record, field, file, row)
         except DataError:
@@ -148,6 +157,8 @@ def _text_of(record: dict, field: str, where: str, row: int) -> object:
 
 def document_problem(text: object) -> str | None:
     """Why `text` cannot be a training document (None if it can)."""
+    if text is None:
+        return "no text (null)"
     if not isinstance(text, str):
         return f"not a string ({type(text).__name__})"
     if not text or text.isspace():

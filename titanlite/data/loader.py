@@ -91,7 +91,16 @@ class RankStream(IterableDataset):
             if index % workers == worker:
                 first = start + self.dp_rank * self.micro_batch_size
                 pieces = self.order.locate(np.arange(first, first + self.micro_batch_size, dtype=np.int64))
-                yield self.batch_fn(np.concatenate([self._shard(s)[rows] for s, rows in pieces]))
+                try:
+                    batch = self.batch_fn(np.concatenate([self._shard(s)[rows] for s, rows in pieces]))
+                except DataError as error:
+                    if info is None:
+                        raise
+                    # Raised in a worker, torch would wrap it in the worker's traceback; handed over
+                    # as an item, the main process raises it with its own one line.
+                    yield error
+                    return
+                yield batch
             index += 1
 
 
@@ -114,6 +123,8 @@ class StatefulLoader:
         while True:
             generation = self._generation
             for batch in DataLoader(self.make_stream(self.global_row), batch_size=None, **self.loader_options):
+                if isinstance(batch, DataError):  # a worker's (RankStream)
+                    raise DataError(str(batch)) from None
                 if generation != self._generation:
                     break  # load_state_dict() moved the cursor: restart the workers there
                 self.global_row = step_start(self.global_row, self.rows_per_epoch, self.rows_per_step) + self.rows_per_step

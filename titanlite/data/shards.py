@@ -53,6 +53,34 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def source_fingerprint(files: list[str], source: str, hub_config: str | None, split: str) -> dict:
+    """What identifies the raw data, recorded in manifest.json and prepare_state.json: each local
+    file's size, mtime and sha256 (whole files are hashed: a path says nothing of what it holds
+    now); a hub dataset's id, configuration and split."""
+    if not files:
+        return {"hub": {"id": source, "config": hub_config, "split": split}}
+    return {"files": {file: {"bytes": os.stat(file).st_size, "mtime_ns": os.stat(file).st_mtime_ns,
+                             "sha256": file_sha256(Path(file))} for file in files}}
+
+
+def source_change(recorded: dict | None, current: dict) -> str | None:
+    """How the data of a recorded fingerprint differs from `current`, naming the first changed
+    file; None if it does not, or if nothing was recorded (a preparation by an older titanlite).
+    Only the bytes count: a file touched or copied (a new mtime) still holds the same rows."""
+    if recorded is None or recorded.get("hub") != current.get("hub"):
+        return None if recorded is None else f"hub dataset {recorded.get('hub')} -> {current.get('hub')}"
+    before = recorded.get("files", {})
+    for file, now in current.get("files", {}).items():
+        then = before.get(file)
+        if then is None:
+            return f"{file} was not part of it"
+        if then.get("bytes") != now["bytes"]:
+            return f"{file} changed since: {then.get('bytes')} -> {now['bytes']} bytes"
+        if then.get("sha256") != now["sha256"]:
+            return f"{file} changed since: same size, other content"
+    return None
+
+
 def write_json(path: Path, value: dict) -> None:
     temporary = path.with_suffix(".tmp")
     temporary.write_text(json.dumps(value, indent=1, sort_keys=True) + "\n")
@@ -62,7 +90,8 @@ def write_json(path: Path, value: dict) -> None:
 def read_manifest(folder: Path) -> dict:
     """A finished preparation's manifest, checked against itself and the shard files' sizes (cheap:
     no shard is read); DataError names the file and the fix."""
-    path, redo = folder / MANIFEST, f"prepare the data again (titanlite.prepare --output {folder} --overwrite)"
+    path = folder / MANIFEST
+    redo = f"prepare the data again (python -m titanlite.prepare --output {folder} --overwrite)"
     try:
         manifest = json.loads(path.read_text())
         # Every key the loader reads, looked up now: a KeyError at hour 10 is no error message.

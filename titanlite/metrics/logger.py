@@ -37,8 +37,14 @@ def start_wandb(settings, run_record: dict, dump_folder: Path):
                           "or set metrics.enable_wandb=false") from None
     id_file = dump_folder / "wandb" / "run_id"  # wandb itself writes into <dir>/wandb/
     run_id = id_file.read_text().strip() if id_file.is_file() else None
-    run = wandb.init(project=settings.wandb_project, name=dump_folder.resolve().name, id=run_id,
-                     resume="allow" if run_id else None, dir=str(dump_folder), config=run_record)
+    try:
+        run = wandb.init(project=settings.wandb_project, name=dump_folder.resolve().name, id=run_id,
+                         resume="allow" if run_id else None, dir=str(dump_folder), config=run_record)
+    except wandb.errors.Error as error:  # no API key (UsageError), no network, ...: the set-up, not the run
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ConfigError(f"metrics.enable_wandb=true but W&B cannot start ({reason}): run `wandb login` (or set "
+                          "WANDB_API_KEY), or set WANDB_MODE=offline to log locally, or metrics.enable_wandb=false"
+                          ) from None
     id_file.parent.mkdir(parents=True, exist_ok=True)
     id_file.write_text(run.id)
     run.define_metric("*", step_metric="step")  # our step, which goes back after a rollback or resume
@@ -134,7 +140,7 @@ class MetricLogger:
         if self.rank == 0:
             logger.info(format_record(record))
             if self.jsonl:
-                self.jsonl.write(json.dumps(record) + "\n")
+                self._write_jsonl(record)
             if self.writer:
                 for key, value in record.items():
                     if key not in ("step", "time") and isinstance(value, (int, float)):
@@ -144,6 +150,20 @@ class MetricLogger:
         self.window_start, self.window_tokens, self.window_data_wait = time.perf_counter(), 0, 0.0
         self.window_first_step = step + 1
         return record
+
+    def _write_jsonl(self, record: dict) -> None:
+        """One line of metrics.jsonl. A failed write (a full disk) stops the file, not the run: metrics
+        are not worth losing a run for, the log lines still carry them, and checkpoints still save."""
+        try:
+            self.jsonl.write(json.dumps(record) + "\n")
+        except OSError as error:
+            logger.warning("metrics: cannot write %s (%s): it stops at step %d, training goes on (the log lines keep "
+                           "the metrics)", self.jsonl.name, error.strerror or error, record["step"])
+            try:
+                self.jsonl.close()  # flushes the failed line again: it may fail again
+            except OSError:
+                pass
+            self.jsonl = None
 
     def close(self) -> None:
         if self.jsonl:
