@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from titanlite.health.detectors import Event
-from titanlite.health.diagnose import diagnose, read_jsonl, run_settings
+from titanlite.health.diagnose import UnreadableRecords, diagnose, read_jsonl, run_settings
 
 
 def write_plots(run: Path, events: list[Event], dpi: int = 100) -> list[Path]:
@@ -25,7 +25,7 @@ def write_plots(run: Path, events: list[Event], dpi: int = 100) -> list[Path]:
     from titanlite.health.plots import write_plots as write_panels
 
     _, grad_clip, _, wait_limit, _ = run_settings(run)
-    return write_panels(run / "diagnose", read_jsonl(run / "metrics.jsonl"), events, grad_clip, wait_limit, dpi,
+    return write_panels(run / "diagnose", read_jsonl(run / "metrics.jsonl", note=False), events, grad_clip, wait_limit, dpi,
                         run_name=run.resolve().name)
 
 
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         lines, events = diagnose(args.run)
-    except FileNotFoundError as error:
+    except (FileNotFoundError, UnreadableRecords) as error:
         print(f"titanlite.diagnose: {error}", file=sys.stderr)
         sys.exit(2)
     print(f"{args.run}:")

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import sys
 
 import numpy as np
@@ -84,6 +85,32 @@ def test_missing_metrics_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([str(tmp_path)])
     assert exit_info.value.code == 2 and "metrics.jsonl is missing" in capsys.readouterr().err
+
+
+def test_binary_records_are_one_line_and_cut_lines_one_note(tmp_path, capsys):
+    """A binary metrics.jsonl (not UTF-8) is one line, exit 2; lines cut by a crash among good records
+    are skipped with one note and the verdict still comes."""
+    run = write_run(tmp_path / "run", power_law(300, seed=1))
+    good = (run / "metrics.jsonl").read_bytes()
+    (run / "metrics.jsonl").write_bytes(bytes(range(256)) * 8 + b"\n\xff\xfe{")
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(run), "--no-plots"])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and re.fullmatch(rf"titanlite.diagnose: {re.escape(str(run))}/metrics.jsonl holds "
+                                                      r"no JSON records \(\d+ lines that are not JSON or not UTF-8 "
+                                                      r"text\): it is not the metrics.jsonl of a titanlite run\n", error)
+    (run / "metrics.jsonl").write_bytes(good + b'{"step": 301, "lo\xff\n[1, 2]\n')
+    main([str(run), "--no-plots"])
+    captured = capsys.readouterr()
+    assert captured.err == (f"titanlite.diagnose: {run / 'metrics.jsonl'}: skipped 2 lines that are not JSON records "
+                            "(the first: line 31)\n")
+    assert "healthy" in captured.out
+    (run / "config.json").write_bytes(b"\x89PNG\r\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(run), "--no-plots"])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and error.startswith(f"titanlite.diagnose: {run / 'config.json'} cannot be read")
+    assert error.count("\n") == 1
 
 
 # --- rollbacks: what the trainer did, in words and in the plots

@@ -44,16 +44,39 @@ ADVICE = {
 }
 
 
-def read_jsonl(path: Path) -> list[dict]:
+class UnreadableRecords(ValueError):
+    """A run file that is there but holds no records (binary, or not JSON): the message names it."""
+
+
+def read_jsonl(path: Path, note: bool = True) -> list[dict]:
+    """The JSON objects of a .jsonl file, one a line; [] when it is missing.
+
+    A crash can cut the last line of a record file mid-write (even mid-character): such lines are
+    skipped with one note on stderr (`note`). A file with lines but no record at all (a binary file,
+    another format) raises UnreadableRecords, as no verdict can come from it.
+    """
     if not path.is_file():
         return []
-    records = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                print(f"titanlite.diagnose: {path}:{number} is not JSON; skipped", file=sys.stderr)
+    records, bad = [], []
+    # split bytes on newlines, not text: one undecodable byte spoils its own line, not the whole file
+    for number, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            bad.append(number)
+    if bad and not records:
+        raise UnreadableRecords(f"{path} holds no JSON records ({len(bad)} lines that are not JSON or not UTF-8 "
+                                f"text): it is not the {path.name} of a titanlite run")
+    if bad and note:
+        print(f"titanlite.diagnose: {path}: skipped {len(bad)} line{'s' if len(bad) > 1 else ''} that "
+              f"{'are' if len(bad) > 1 else 'is'} not JSON record{'s' if len(bad) > 1 else ''} "
+              f"(the first: line {bad[0]})", file=sys.stderr)
     return records
 
 
@@ -75,7 +98,15 @@ def replay_events(records: list[dict], settings: Health, grad_clip: float, warmu
 
 def run_settings(run: Path) -> tuple[Health, float, int, float, float]:
     """[health], grad_clip, warmup steps, data-wait and MFU thresholds from the run's resolved config.json."""
-    config = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
+    path = run / "config.json"
+    try:
+        config = json.loads(path.read_bytes().decode("utf-8")) if path.is_file() else {}
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UnreadableRecords(f"{path} cannot be read as JSON ({type(error).__name__}: {error}); it is the "
+                                "resolved config the run wrote: restore it, or move it away to judge the run "
+                                "with the default settings") from None
+    if not isinstance(config, dict):
+        raise UnreadableRecords(f"{path} holds {type(config).__name__}, not the JSON object of a resolved config")
     known = {key: value for key, value in config.get("health", {}).items() if key in Health.__dataclass_fields__}
     warmup = config.get("derived", {}).get("warmup_steps", 0)
     wait = config.get("metrics", {}).get("data_wait_warn_fraction", 0.05)
@@ -84,11 +115,11 @@ def run_settings(run: Path) -> tuple[Health, float, int, float, float]:
 
 def diagnose(run: Path) -> tuple[list[str], list[Event]]:
     """(verdict lines, events) for the run folder."""
+    settings, grad_clip, warmup, wait_limit, mfu_limit = run_settings(run)  # first: a bad config.json ends it
     records = [r for r in read_jsonl(run / "metrics.jsonl") if "step" in r and "loss" in r]
     if not records:
         raise FileNotFoundError(f"{run / 'metrics.jsonl'} is missing or empty: is {run} a titanlite run folder "
                                 "(job.dump_folder) with metrics.enable_jsonl on?")
-    settings, grad_clip, warmup, wait_limit, mfu_limit = run_settings(run)
     logged = read_jsonl(run / "health.jsonl")
     if logged:
         events = [Event(e["step"], e["signal"], e["message"], e.get("start_step", e["step"]), e.get("value", math.nan))
