@@ -11,4 +11,5 @@
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
+export TITANLITE_PROG="${TITANLITE_PROG:-$0}"  # the usage line of --help names this script as it was typed
 exec "${PYTHON:-python3}" -m titanlite.launch "$@"

@@ -1,6 +1,8 @@
 """run_train.sh and titanlite/launch.py for real (subprocesses, CPU): fast config errors, titanlite's
-one line and exit code through torchrun, the user's folder kept, CONFIG_FILE; and what the wheel ships."""
+one line and exit code through torchrun, the user's folder kept, CONFIG_FILE; what the wheel ships; and
+that every command's usage line names the command a user types."""
 
+import importlib
 import json
 import os
 import shutil
@@ -142,3 +144,26 @@ def test_the_wheel_ships_the_recipes_the_launcher_the_licence_and_its_dependenci
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
                             env={**os.environ, "PYTHONPATH": str(tmp_path / "installed")}, timeout=60)
     assert result.stdout.strip() == "4096", result.stderr
+
+
+@pytest.mark.parametrize("command, argv", [
+    ("prepare", ["--help"]), ("convert", ["--help"]), ("convert", ["to-hf", "--help"]), ("generate", ["--help"]),
+    ("plan", ["--help"]), ("diagnose", ["--help"]), ("train", ["--help"]),
+])
+def test_each_commands_usage_line_names_how_it_is_run(command, argv, monkeypatch, capsys):
+    """argparse's default prog is the file name (`usage: diagnose.py`), which is no command anyone types."""
+    monkeypatch.delenv("TITANLITE_PROG", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(f"titanlite.{command}").main(argv)
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: python -m titanlite.{command} {' '.join(argv[:-1])}".rstrip())
+
+
+def test_the_launchers_help_names_the_launcher_not_the_trainer(tmp_path):
+    """The launcher hands --help to titanlite.train in one process; the usage line still says what was typed."""
+    assert launch(tmp_path, "--help").stdout.startswith(f"usage: {RUN_TRAIN} [-h] [--config CONFIG]")
+    environment = {key: value for key, value in os.environ.items() if key != "TITANLITE_PROG"}
+    environment["PYTHONPATH"] = str(REPO)
+    module = subprocess.run([sys.executable, "-m", "titanlite.launch", "--help"], cwd=tmp_path, env=environment,
+                            capture_output=True, text=True, timeout=120)
+    assert module.stdout.startswith("usage: python -m titanlite.launch [-h]"), module.stderr

@@ -30,7 +30,7 @@ def write_plots(run: Path, events: list[Event], dpi: int = 100) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Diagnose a titanlite run from its metrics (the recipe's "
+    parser = argparse.ArgumentParser(prog="python -m titanlite.diagnose", description="Diagnose a titanlite run from its metrics (the recipe's "
                                                  "loss-curve reading) and plot it.")
     parser.add_argument("run", type=Path, help="the run folder (job.dump_folder)")
     parser.add_argument("--no-plots", action="store_true", help="only print the verdict")

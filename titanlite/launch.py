@@ -54,6 +54,14 @@ def split_config_argument(argv: list[str], config_file: str | None) -> tuple[str
     return config or config_file or "debug_model", rest
 
 
+def launcher_name() -> str:
+    """What the user typed to start the launcher, for usage lines: run_train.sh sets TITANLITE_PROG to its own
+    path; the installed script is titanlite-run; else `python -m titanlite.launch`."""
+    if os.environ.get("TITANLITE_PROG"):
+        return os.environ["TITANLITE_PROG"]
+    return "titanlite-run" if Path(sys.argv[0]).name == "titanlite-run" else "python -m titanlite.launch"
+
+
 def visible_devices() -> int:
     """Accelerators this node can use (torch's count, which honours CUDA_VISIBLE_DEVICES); 0 on CPU."""
     import torch  # only when NGPU is not given: importing torch takes seconds
@@ -142,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
         config, rest = split_config_argument(argv, os.environ.get("CONFIG_FILE"))
         worker = ["-m", "titanlite.train", "--config", config, *rest]
         if any(flag in rest for flag in PASS_THROUGH_FLAGS):
-            os.execv(sys.executable, [sys.executable, *worker])
+            os.execve(sys.executable, [sys.executable, *worker], {**os.environ, "TITANLITE_PROG": launcher_name()})
         load_config(config, rest)  # fails fast: no torch imported yet
         nproc = positive_int("NGPU") if os.environ.get("NGPU") else max(1, visible_devices())
         arguments = torchrun_arguments(nproc, worker)

@@ -315,7 +315,9 @@ USER_ERRORS = tuple(kind for kind, _, _ in _USER_ERROR_TABLE)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Train a LLaMA-style model with titanlite.",
+    # the launcher (./run_train.sh, titanlite-run) hands --help to this parser: it names itself in the usage line
+    parser = argparse.ArgumentParser(prog=os.environ.get("TITANLITE_PROG", "python -m titanlite.train"),
+                                     description="Train a LLaMA-style model with titanlite.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="settings (any of them: --section.key value; a bare boolean flag "
                                             "means true):" + settings_help())
