@@ -462,3 +462,55 @@ def test_exported_files_get_the_normal_permissions(checkpoint, tmp_path):
     files = sorted((tmp_path / "hf").iterdir())
     assert len([f for f in files if f.suffix == ".safetensors"]) > 1
     assert {f.name: oct(stat.S_IMODE(f.stat().st_mode)) for f in files} == {f.name: "0o644" for f in files}
+
+
+# --- training on from an import ------------------------------------------------------------------
+
+def test_training_from_an_import_refuses_other_rope_and_eps_then_computes_the_hf_model(tmp_path):
+    """Issue 21 item 7: an imported Llama (rope_theta 500000, llama3 scaling, norm_eps 1e-6) given as
+    initial_load_path to a run with the default RoPE and eps trained silently as another model (logits off by
+    3e-2). Now it is refused in one line naming each setting; the overrides it names give HF's logits."""
+    torch.manual_seed(0)
+    hf_config = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=2048,
+                                         max_position_embeddings=64, rms_norm_eps=1e-6,
+                                         **HF_CASES["llama3"])
+    hf_model = transformers.LlamaForCausalLM(hf_config).eval()
+    hf_model.save_pretrained(tmp_path / "hf")
+    main(["from-hf", str(tmp_path / "hf"), str(tmp_path / "imported")])
+    from titanlite.config.settings import ConfigError
+    from titanlite.train import train
+
+    start = ["--model.dim", "64", "--model.n_layers", "2", "--model.n_heads", "4", "--model.n_kv_heads", "2",
+             "--model.intermediate_size", "96", "--model.vocab_size", "2048", "--training.seq_len", "64",
+             "--training.micro_batch_size", "2", "--training.global_batch_tokens", "128", "--training.steps", "1",
+             "--training.device", "cpu", "--training.mixed_precision", "fp32", "--metrics.enable_tensorboard",
+             "false", "--lr_schedule.warmup_tokens", "0", "--data.default_num_documents", "50",
+             "--checkpoint.initial_load_path", str(tmp_path / "imported" / "step-00000000")]
+    with pytest.raises(ConfigError) as refused:
+        train(load_config(None, [*start, "--job.dump_folder", str(tmp_path / "refused")]))
+    message = str(refused.value)
+    assert "\n" not in message
+    for setting in ("model.norm_eps=1e-06 (this run: 1e-05)", "model.rope_theta=500000.0 (this run: 10000.0)",
+                    "model.rope_scaling=llama3 (this run: none)", "model.rope_scaling_factor=8.0 (this run: 1.0)",
+                    "model.rope_original_max_position=32 (this run: 4096)"):
+        assert setting in message
+    assert "rope_low_freq_factor" not in message  # 1.0 and 4.0 on both sides: nothing to name
+
+    # the overrides the line names, pasted: the run computes the HF model (lr ~0 keeps the weights bitwise)
+    pasted = re.search(r"pass (.*?) \(or set them", message).group(1).split()
+    run = tmp_path / "pasted"
+    train(load_config(None, [*start, *pasted, "--job.dump_folder", str(run), "--optimizer.lr", "1e-30",
+                             "--checkpoint.enable", "true"]))
+    model, config = titanlite_model(run / "checkpoint" / "step-00000001", 64)
+    assert (config.model.rope_theta, config.model.norm_eps, config.model.rope_scaling) == (500000.0, 1e-6, "llama3")
+    tokens = torch.randint(0, 2048, (2, 64), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        compare_logits(model(tokens), hf_model(tokens).logits, bound=1e-5)
+
+    # a longer context's RoPE, on purpose: the run's settings apply and are recorded
+    changed = tmp_path / "changed"
+    train(load_config(None, [*start, "--job.dump_folder", str(changed), "--checkpoint.initial_load_change_model",
+                             "true", "--checkpoint.enable", "true"]))
+    _, meta = load_model_weights(changed / "checkpoint" / "step-00000001")
+    assert meta["config"]["model"]["rope_theta"] == 10000.0

@@ -27,6 +27,13 @@ STEP_FOLDER = re.compile(r"^step-(\d+)$")
 PARTIAL = ".partial"
 REPLACED = ".replaced"  # a published step moved aside while a re-save of the same step is published
 MODEL_SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "intermediate_size", "vocab_size")
+# What the weights mean beyond their shapes: the same tensors under another eps or RoPE compute another
+# model. The scaling keys count only under the scaling that reads them.
+MODEL_MEANING_FIELDS = {None: ("norm_eps", "rope_theta", "rope_scaling"),
+                        "yarn": ("rope_scaling_factor", "rope_original_max_position", "rope_beta_fast",
+                                 "rope_beta_slow"),
+                        "llama3": ("rope_scaling_factor", "rope_original_max_position", "rope_low_freq_factor",
+                                   "rope_high_freq_factor")}
 
 
 def step_folder(folder: Path, step: int) -> Path:
@@ -140,6 +147,15 @@ def flat_tensors(tree, prefix: str):
             yield f"{prefix}.{key}", value
         else:
             yield from flat_tensors(value, f"{prefix}.{key}")
+
+
+def model_meaning_differences(saved: dict, model: dict) -> list[tuple[str, object, object]]:
+    """(field, the checkpoint's value, this run's) for each [model] setting beyond the shapes that the
+    checkpoint was saved under and this run sets otherwise. saved, model: [model] sections of run records."""
+    kinds = (None, saved.get("rope_scaling"), model.get("rope_scaling"))
+    fields = dict.fromkeys(field for kind in kinds for field in MODEL_MEANING_FIELDS.get(kind, ()))
+    return [(field, saved[field], model.get(field)) for field in fields
+            if field in saved and saved[field] != model.get(field)]
 
 
 def check_states_match(path: Path, meta: dict, metadata, model: dict, states: dict) -> None:

@@ -177,6 +177,9 @@ class Checkpoint:
     write_threads: int = setting(8, "files each rank writes (and reads on load) in parallel", gt=0)
     initial_load_path: str = setting("", "with nothing to resume: start from this checkpoint (seed, HF import)")
     initial_load_model_only: bool = setting(True, "take only the weights from initial_load_path (step 0)")
+    initial_load_change_model: bool = setting(False, "train initial_load_path's weights under this config's norm_eps "
+                                                     "and RoPE where they differ from the checkpoint's (a longer "
+                                                     "context, on purpose); off: such a difference is refused")
     load_unverified: bool = setting(False, "load a checkpoint whose meta.json has no checksums (crc32), its data "
                                            "unverified; off: such a checkpoint is refused")
 
