@@ -114,8 +114,8 @@ def write_tokenizer_json(ranks: dict[bytes, int], out_dir: Path) -> None:
                        model_max_length=1 << 20)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python scripts/train_tokenizer.py", description=__doc__.splitlines()[0])
     parser.add_argument("--files", default=None, help="your text: a file, folder or glob (.txt, .jsonl, .json, .parquet)")
     parser.add_argument("--text-field", default="text", help="--files rows: the column holding the text")
     parser.add_argument("--output-dir", type=Path, default=None, help="--files: where tokenizer.json goes")
@@ -124,7 +124,7 @@ def main() -> None:
     parser.add_argument("--num-documents", type=int, default=10000, help="without --files: generated documents")
     parser.add_argument("--seed", type=int, default=DEFAULT_CORPUS_SEED)
     parser.add_argument("--output", type=Path, default=DEFAULT_TOKENIZER_FILE, help="without --files: the .tiktoken file")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.vocab_size < 257:
         parser.error(f"--vocab-size {args.vocab_size}: must be > 256 (the single bytes come first)")
     if (args.files is None) != (args.output_dir is None):
