@@ -105,6 +105,13 @@ def test_binary_records_are_one_line_and_cut_lines_one_note(tmp_path, capsys):
     assert captured.err == (f"titanlite.diagnose: {run / 'metrics.jsonl'}: skipped 2 lines that are not JSON records "
                             "(the first: line 31)\n")
     assert "healthy" in captured.out
+    (run / "health.jsonl").write_bytes(b"\x00\xff" * 64)  # the events are found again from the losses
+    main([str(run), "--no-plots"])
+    captured = capsys.readouterr()
+    assert captured.err.endswith(f"{run / 'health.jsonl'} holds no JSON records (1 line that is not JSON or not "
+                                 "UTF-8 text): it is not the health.jsonl of a titanlite run; the logged losses are "
+                                 "replayed instead\n") and captured.err.count("\n") == 2
+    assert "healthy" in captured.out
     (run / "config.json").write_bytes(b"\x89PNG\r\n")
     with pytest.raises(SystemExit) as exit_info:
         main([str(run), "--no-plots"])

@@ -70,12 +70,12 @@ def read_jsonl(path: Path, note: bool = True) -> list[dict]:
             records.append(record)
         else:
             bad.append(number)
+    lines = f"{len(bad)} lines that are" if len(bad) > 1 else "1 line that is"
     if bad and not records:
-        raise UnreadableRecords(f"{path} holds no JSON records ({len(bad)} lines that are not JSON or not UTF-8 "
-                                f"text): it is not the {path.name} of a titanlite run")
+        raise UnreadableRecords(f"{path} holds no JSON records ({lines} not JSON or not UTF-8 text): it is not the "
+                                f"{path.name} of a titanlite run")
     if bad and note:
-        print(f"titanlite.diagnose: {path}: skipped {len(bad)} line{'s' if len(bad) > 1 else ''} that "
-              f"{'are' if len(bad) > 1 else 'is'} not JSON record{'s' if len(bad) > 1 else ''} "
+        print(f"titanlite.diagnose: {path}: skipped {lines} not {'JSON records' if len(bad) > 1 else 'a JSON record'} "
               f"(the first: line {bad[0]})", file=sys.stderr)
     return records
 
@@ -120,7 +120,11 @@ def diagnose(run: Path) -> tuple[list[str], list[Event]]:
     if not records:
         raise FileNotFoundError(f"{run / 'metrics.jsonl'} is missing or empty: is {run} a titanlite run folder "
                                 "(job.dump_folder) with metrics.enable_jsonl on?")
-    logged = read_jsonl(run / "health.jsonl")
+    try:
+        logged = read_jsonl(run / "health.jsonl")
+    except UnreadableRecords as error:  # the events can be found again from the losses: judge without them
+        print(f"titanlite.diagnose: {error}; the logged losses are replayed instead", file=sys.stderr)
+        logged = []
     if logged:
         events = [Event(e["step"], e["signal"], e["message"], e.get("start_step", e["step"]), e.get("value", math.nan))
                   for e in logged]
