@@ -1,6 +1,6 @@
 """Time the output head and the loss alone (forward + backward), as titanlite and as torchtitan write the loss.
 
-The H200 profile (shared/anchors/profile-7b-l8-noac-a4-h200.txt) shows titanlite's compiled loss
+An H200 profile (not in this repository; bench/gpu_profile.sh makes one) showed titanlite's compiled loss
 kernels ~40% slower per micro-batch than torchtitan's (4.3 + 3.9 ms against 3.0 + 2.7) and one
 head matmul (nvjet ..._NTT) 30.5 ms against 21.2. This isolates them: final RMSNorm -> head ->
 loss -> backward, on one GPU under autocast with fp32 weights (titanlite's single-GPU set-up):

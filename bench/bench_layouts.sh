@@ -4,12 +4,12 @@
 #   bench/bench_layouts.sh OUTDIR [LAYOUT ...]       # default: all five layouts below
 #
 # Each layout trains ~30 steps through run_train.sh (bf16, compile on, selective per-op AC, micro-batch
-# 2 x 4096 tokens per data-parallel rank, no accumulation) and writes OUTDIR/<layout>.json: the mean of
-# the logged steps after warm-up (step > WARMUP_STEPS: compile and allocator warm-up excluded) of
-# tokens/s/GPU and MFU, the peak allocated / reserved memory, plus the command, GPU, torch version, date.
+# 2 x 4096 tokens per data-parallel rank, no accumulation) and writes OUTDIR/<layout>.json: tokens/s/GPU
+# and MFU after warm-up and the peak allocated / reserved memory (as bench/steady_state.py defines them),
+# plus the command, GPU, torch version, date.
 #
 # BENCH_TINY=1 shrinks everything to the debug shape on CPU (gloo) to check the plumbing in seconds.
-# Knobs: BENCH_LAYERS (8), BENCH_STEPS (30), BENCH_MICRO_BATCH (2), WARMUP_STEPS (10).
+# Knobs: BENCH_LAYERS (8), BENCH_STEPS (30), BENCH_MICRO_BATCH (2).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: bench/bench_layouts.sh OUTDIR [LAYOUT ...]}; shift
@@ -17,7 +17,7 @@ mkdir -p "$out"
 layouts=("$@")
 [[ ${#layouts[@]} -eq 0 ]] && layouts=(fsdp2 fsdp4 tp2 tp4 fsdp2_tp2)
 
-layers=${BENCH_LAYERS:-8} steps=${BENCH_STEPS:-30} micro_batch=${BENCH_MICRO_BATCH:-2} warmup=${WARMUP_STEPS:-10}
+layers=${BENCH_LAYERS:-8} steps=${BENCH_STEPS:-30} micro_batch=${BENCH_MICRO_BATCH:-2}
 if [[ -n "${BENCH_TINY:-}" ]]; then
   seq=32
   shape=(--model.dim 64 --model.n_layers 2 --model.n_heads 4 --model.n_kv_heads 4 --model.intermediate_size 128
@@ -55,10 +55,12 @@ for layout in "${layouts[@]}"; do
   CUDA_VISIBLE_DEVICES=$devices NGPU=$ngpu ./run_train.sh "${args[@]}" > "$dump/train.log" 2>&1
   rc=$?
   tail -n 3 "$dump/train.log"
-  python3 - "$layout" "$ngpu" "$tp" "$rc" "$(( $(date +%s) - start ))" "$warmup" "$command" "$dump" "$out" <<'EOF'
-import datetime, json, re, statistics, sys
+  PYTHONPATH=bench${PYTHONPATH:+:$PYTHONPATH} python3 - "$layout" "$ngpu" "$tp" "$rc" "$(( $(date +%s) - start ))" \
+    "$command" "$dump" "$out" <<'EOF'
+import datetime, json, re, sys
 import torch
-layout, ngpu, tp, rc, wall, warmup, command, dump, out = sys.argv[1:]
+from steady_state import summarize_steps, titanlite_steps
+layout, ngpu, tp, rc, wall, command, dump, out = sys.argv[1:]
 record = {"layout": layout, "ngpu": int(ngpu), "tensor_parallel": int(tp), "data_parallel": int(ngpu) // int(tp),
           "returncode": int(rc), "wall_s": int(wall), "command": command,
           "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
@@ -67,17 +69,9 @@ try:
     rows = [json.loads(line) for line in open(f"{dump}/metrics.jsonl")]
 except FileNotFoundError:
     rows = []
-steady = [r for r in rows if r["step"] > int(warmup)]
-record["steps_averaged"] = [r["step"] for r in steady]
-for key, name in [("tokens_per_second_per_device", "tokens_per_second_per_gpu"), ("mfu_percent", "mfu_percent"),
-                  ("tflops_per_device", "tflops_per_gpu")]:
-    values = [r[key] for r in steady if key in r]
-    if values:
-        record[name] = statistics.mean(values)
-for key, name in [("memory/max_allocated_gib", "peak_allocated_gib"), ("memory/max_reserved_gib", "peak_reserved_gib")]:
-    values = [r[key] for r in rows if key in r]
-    if values:
-        record[name] = max(values)
+record.update(summarize_steps(titanlite_steps(rows)))
+record["steps_averaged"] = record.pop("steps_logged")
+steady = record["steps_averaged"]
 if rows:
     record["final_loss"] = rows[-1]["loss"]
 log = open(f"{dump}/train.log", errors="replace").read()

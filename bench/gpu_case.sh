@@ -2,9 +2,8 @@
 # One benchmark case on the GPU machine; appends a JSON line to $RESULTS (default $OUT/cases.jsonl).
 #   bench/gpu_case.sh titanlite NAME NGPU [run_train.sh overrides...]
 #   bench/gpu_case.sh torchtitan NAME NGPU [torchtitan overrides...]
-# titanlite: tokens/s, MFU and memory are the mean over logged steps after the first third
-# (compile and warm-up excluded). torchtitan: its logged tps/mfu/memory over steps 20-30, as the
-# peer figures were read. Needs .tt/ (torchtitan assets) and .whl/ installed into PYTHONPATH.
+# tokens/s, MFU and peak memory of both frameworks as bench/steady_state.py defines them. The
+# torchtitan side needs torchtitan 0.2.2 importable (bench/gpu_env.sh installs the wheels in .whl/).
 set -uo pipefail
 framework=$1 name=$2 ngpu=$3; shift 3
 OUT=${OUT:-/tmp/out}; RESULTS=${RESULTS:-$OUT/cases.jsonl}; LOGS=${LOGS:-$OUT/logs}
@@ -23,11 +22,11 @@ if [[ $framework == titanlite ]]; then
   rc=$?
   metrics="$dump/metrics.jsonl"
 else
-  # titanlite's tokenizer and corpus when bench/tt_assets.py has written them: the same tokens on both sides.
-  TT_TOKENIZER=tests/assets/tokenizer_titanlite
-  [[ -d .tt/$TT_TOKENIZER ]] || TT_TOKENIZER=tests/assets/tokenizer
+  # torchtitan's trainer (bench/torchtitan_run.py adds our shapes as flavours) on titanlite's corpus and
+  # tokenizer, written under .tt/ by bench/tt_assets.py: the same tokens on both sides.
+  [[ -d .tt/tests/assets/tokenizer_titanlite ]] || python3 bench/tt_assets.py >"$log.assets" 2>&1
   (cd .tt && torchrun --standalone --nproc_per_node "$ngpu" --local-ranks-filter 0 --role rank --tee 3 \
-     torchtitan_run.py --model.name llama3 --model.hf_assets_path "$TT_TOKENIZER" \
+     "$OLDPWD/bench/torchtitan_run.py" --model.name llama3 --model.hf_assets_path tests/assets/tokenizer_titanlite \
      --training.dataset c4_test --metrics.log_freq 1 --job.dump_folder /tmp/tt/$name "$@") >"$log" 2>&1
   rc=$?
   metrics=""

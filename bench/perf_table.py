@@ -1,8 +1,10 @@
-"""README's performance table, generated from the benchmark results (bench/results/*.jsonl).
+"""docs/performance.md's results table, generated from the benchmark results under bench/results/.
 
-Each line of those files is one `bench/gpu_case.sh` case: framework, name, ngpu, gpu, torch, date,
-args, tokens_per_second_per_gpu, mfu_percent, peak memory. Cases of the same name in the same file
-ran in the same device call, side by side: the ratio is titanlite over torchtitan within one file.
+Each line of a `.jsonl` file is one `bench/gpu_case.sh` case: framework, name, ngpu, gpu, torch,
+date, args, tokens_per_second_per_gpu, mfu_percent, peak memory (bench/steady_state.py says which
+steps and which peak). The older `.json` files hold the same records as a list under "runs", with
+a "purpose" line. Cases of the same name in the same file ran in the same device call, side by
+side: the ratio is titanlite over torchtitan within one file.
     python bench/perf_table.py            # print
     python bench/perf_table.py --write    # refresh docs/performance.md between the PERF-TABLE markers
 """
@@ -14,19 +16,27 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+from steady_state import COMPARED_MEMORY  # noqa: E402
+
 RESULTS = ROOT / "bench" / "results"
 BEGIN, END = "<!-- PERF-TABLE:BEGIN -->", "<!-- PERF-TABLE:END -->"
 
 
 def read_cases(folder: Path = RESULTS) -> list[tuple[str, dict]]:
-    """(file name, case) for every successful case, files in name order (dates sort first)."""
+    """(file name, case) for every successful case, files in name order (dates sort first).
+
+    A `.json` file's "purpose" becomes each of its cases' "command" (how the file was made).
+    """
     cases = []
-    for path in sorted(folder.glob("*.jsonl")):
-        for line in path.read_text().splitlines():
-            if line.strip():
-                case = json.loads(line)
-                if case.get("returncode") == 0 and case.get("tokens_per_second_per_gpu"):
-                    cases.append((path.name, case))
+    for path in sorted(folder.glob("*.json*")):
+        if path.suffix == ".jsonl":
+            records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        else:
+            document = json.loads(path.read_text())
+            records = [dict(run, command=document.get("purpose", "")) for run in document.get("runs", [])]
+        cases += [(path.name, case) for case in records
+                  if case.get("returncode") == 0 and case.get("tokens_per_second_per_gpu")]
     return cases
 
 
@@ -38,12 +48,11 @@ def cell(case: dict | None) -> str:
 
 
 def memory(case: dict | None) -> str:
-    if case is None:
+    """Peak reserved GiB (both frameworks log it), and titanlite's allocated in brackets."""
+    if case is None or not case.get(COMPARED_MEMORY):
         return "–"
-    for key, label in (("peak_allocated_gib", "alloc"), ("peak_reserved_gib", "reserved")):
-        if case.get(key):
-            return f"{case[key]:.1f} {label}"
-    return "–"
+    allocated = f" ({case['peak_allocated_gib']:.1f})" if case.get("peak_allocated_gib") else ""
+    return f"{case[COMPARED_MEMORY]:.1f}{allocated}"
 
 
 def table(cases: list[tuple[str, dict]]) -> str:
@@ -54,7 +63,7 @@ def table(cases: list[tuple[str, dict]]) -> str:
         rows.setdefault((file, case["name"]), {})[case["framework"]] = case
         commands.append(f"- `{file}` {case['framework']} `{case['name']}` ({case['ngpu']} GPU): `{case['args']}`")
     lines = ["| results file | setting | GPUs | card | titanlite tokens/s/GPU (MFU) | torchtitan | ratio | "
-             "titanlite memory GiB | torchtitan memory GiB |", "|---|---|---|---|---|---|---|---|---|"]
+             "titanlite peak GiB reserved (allocated) | torchtitan peak GiB reserved |", "|---|---|---|---|---|---|---|---|---|"]
     for (file, name), pair in rows.items():
         ours, theirs = pair.get("titanlite"), pair.get("torchtitan")
         any_case = ours or theirs

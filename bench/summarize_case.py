@@ -8,6 +8,7 @@ import statistics
 import sys
 
 import torch
+from steady_state import summarize_steps, titanlite_steps  # warm-up and peak memory, defined once
 
 framework, name, ngpu, rc, wall, log_path, metrics_path, args = sys.argv[1:9]
 record = {"framework": framework, "name": name, "ngpu": int(ngpu), "returncode": int(rc), "wall_s": int(wall),
@@ -19,33 +20,22 @@ if framework == "titanlite" and metrics_path:
         rows = [json.loads(line) for line in open(metrics_path)]
     except FileNotFoundError:
         rows = []
-    steady = [r for r in rows if r["step"] > max(r2["step"] for r2 in rows) / 3] if rows else []
-    for key, out in [("tokens_per_second_per_device", "tokens_per_second_per_gpu"), ("mfu_percent", "mfu_percent"),
-                     ("tflops_per_device", "tflops_per_gpu"), ("memory/max_allocated_gib", "peak_allocated_gib"),
-                     ("memory/max_reserved_gib", "peak_reserved_gib"), ("loss", "final_loss")]:
-        values = [r[key] for r in steady if key in r]
-        if values:
-            record[out] = values[-1] if key.startswith("memory") or key == "loss" else statistics.mean(values)
-    compile_times = re.findall(r"compil\w* [^\n]*?([\d.]+) ?s", log)
-    record["steps_logged"] = [r["step"] for r in steady]
+    record.update(summarize_steps(titanlite_steps(rows)))
+    losses = [r["loss"] for r in rows if "loss" in r]
+    if losses:
+        record["final_loss"] = losses[-1]
     startup = re.search(r"init: start-up peak ([\d.]+) GiB allocated", log)
     if startup:
         record["startup_peak_allocated_gib"] = float(startup[1])
 else:
     # torchtitan: "step: 25  loss: ...  memory: 48.40GiB(...)  tps: 38,326  tflops: ...  mfu: 51.4%"
-    steps = []
+    steps = {}
     for match in re.finditer(r"step:\s*(\d+).*?memory:\s*([\d.]+)GiB.*?tps:\s*([\d,]+).*?tflops:\s*([\d.]+).*?mfu:\s*([\d.]+)%", log):
-        steps.append([int(match[1]), float(match[2]), float(match[3].replace(",", "")), float(match[4]), float(match[5])])
-    # 30-step runs: steps 20-30, as the peer figures were read; shorter runs (20 steps, log every 5):
-    # the log steps after the first third, as for titanlite.
-    last = max((s[0] for s in steps), default=0)
-    steady = ([s for s in steps if 20 <= s[0] <= 30] if last >= 30 else [s for s in steps if s[0] > last / 3]) \
-        or steps[len(steps) // 2:]
-    if steady:
-        record.update(tokens_per_second_per_gpu=statistics.mean(s[2] for s in steady),
-                      tflops_per_gpu=statistics.mean(s[3] for s in steady),
-                      mfu_percent=statistics.mean(s[4] for s in steady), peak_reserved_gib=max(s[1] for s in steady),
-                      steps_logged=[s[0] for s in steady])
+        steps[int(match[1])] = {"peak_reserved_gib": float(match[2]), "tflops_per_gpu": float(match[4]),
+                                "tokens_per_second_per_gpu": float(match[3].replace(",", "")),
+                                "mfu_percent": float(match[5])}
+    if steps:
+        record.update(summarize_steps(steps))
 # The GPU samples taken while it trained (power within 20% of the run's highest; compile, start-up
 # and the end draw less): medians.
 try:

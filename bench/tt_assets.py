@@ -1,12 +1,14 @@
 """Give torchtitan titanlite's training data, so that the side-by-side runs see the same tokens.
 
-Writes, under .tt/tests/assets/ (where bench/gpu_case.sh runs torchtitan):
+Writes, under .tt/tests/assets/ (bench/gpu_case.sh runs torchtitan in .tt/, and calls this first when
+the tokenizer folder is missing):
   c4_test/data.json        titanlite's default corpus (titanlite/data/corpus.py, the same 20,000 documents
                            titanlite trains on by default), one {"text": ...} per line, for torchtitan's
                            `c4_test` loader;
   tokenizer_titanlite/     titanlite's default tokenizer as a Hugging Face tokenizer.json.
 At the 700 W power cap the H200's clock depends on what the tensors hold, so the two frameworks
-are compared on the same text and the same token ids (the model shapes and LR are set by the caller).
+are compared on the same text and the same token ids (the model shapes and LR are set by the caller;
+torchtitan's trainer with our shapes is bench/torchtitan_run.py).
 
     python bench/tt_assets.py [--tt .tt]
 """

@@ -22,9 +22,10 @@ from titanlite.config.settings import Config, ConfigError
 from titanlite.model.size import count_parameters, flops_per_token
 from titanlite.parallel.memory import (ESTIMATE_MARGIN, GIB, MemoryEstimate, estimate_memory, fits_gpu)
 
-# Measured on 4 x H100, torchtitan, the 7B shape: FSDP 4 gave 11,713 tokens/s/GPU and FSDP 2 x TP 2
-# gave 9,629. Each doubling of TP is assumed to cost the same factor again (not measured beyond 2).
-TP_THROUGHPUT_PER_DOUBLING = 9_629 / 11_713
+# Measured with titanlite on 4 x H100, the 7B shape (32 layers, micro-batch 4, selective AC): FSDP 4
+# 11,435 tokens/s/GPU, FSDP 2 x TP 2 10,049 (bench/results/2026-11-27_vs_torchtitan_4xh100.json).
+# Each doubling of TP is assumed to cost the same factor again (not measured beyond 2 at 32 layers).
+TP_THROUGHPUT_PER_DOUBLING = 10_049 / 11_435
 GPUS_PER_NODE = 8
 # Throughput relative to no AC. Per-op selective AC recomputes only norms, RoPE and SwiGLU
 # pointwise ops: measured 0.987 on an H100 (7B shape, 8 layers, compiled;
@@ -198,7 +199,8 @@ def render_layouts(rows: list[dict]) -> str:
     pick = rows[0] if rows and rows[0]["fits"] and rows[0]["divisible"] else None
     lines.append(
         f"pick: {pick['layout']} with activation_checkpoint.mode={pick['activation_checkpoint']} (fits; the fewest "
-        "TP ranks and the least recompute: TP costs throughput at these sizes, measured 0.82x at TP 2)" if pick
+        f"TP ranks and the least recompute: TP costs throughput at these sizes, measured "
+        f"{TP_THROUGHPUT_PER_DOUBLING:.2f}x at TP 2)" if pick
         else "pick: none fits: lower training.micro_batch_size")
     lines.append("(relative throughput: TP from the measured FSDP 4 vs FSDP 2 x TP 2 cost, compounded per doubling; "
                  f"AC factors {AC_THROUGHPUT}: selective measured on an H100, full assumed)")

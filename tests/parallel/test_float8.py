@@ -4,7 +4,7 @@ float8 matmuls need an H100-class GPU; on CPU torchao emulates them (`float8.emu
 aid): the casts to float8 and their scales are real, the matmul runs in high precision on the
 float8-rounded values. So these runs check the plumbing and that float8 rounding leaves the
 training close to float32; the speed and the bf16-vs-float8 loss gap are measured on the GPU
-(bench/gpu_session_13.sh).
+(bench/compare_loss.sh float8, bench/compare_torchtitan.sh 1_float8).
 """
 
 from __future__ import annotations
