@@ -47,6 +47,18 @@ def test_a_config_error_is_one_line_before_torch_is_imported(tmp_path):
                                     "disagree: give the config once"]
 
 
+def test_a_layout_that_does_not_fit_the_processes_is_refused_before_torch_is_imported(tmp_path):
+    poisoned = tmp_path / "poisoned"
+    (poisoned / "torch").mkdir(parents=True)
+    (poisoned / "torch" / "__init__.py").write_text("raise SystemExit('torch was imported')\n")
+    result = launch(tmp_path, "--config", "7b_4k", PYTHONPATH=str(poisoned), NGPU="1")
+    assert result.returncode == 2
+    assert lines(result.stderr) == ["titanlite: config error: world size 1 is not divisible by tensor_parallel_degree=8 "
+                                    "x data_parallel_replicate_degree=1: launch a multiple of 8 processes"]
+    result = launch(tmp_path, "--training.global_batch_tokens", "3000", PYTHONPATH=str(poisoned), NGPU="2")
+    assert result.returncode == 2 and "training.global_batch_tokens=3000: must be a multiple of" in result.stderr
+
+
 def test_a_data_error_in_one_process_is_titanlites_line_and_status(tmp_path):
     result = launch(tmp_path, *TINY, "--data.source", "./no-such-data", NGPU="1")
     assert result.returncode == 2

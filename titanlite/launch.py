@@ -30,6 +30,7 @@ import sys
 from pathlib import Path
 
 from titanlite.config.load import load_config
+from titanlite.config.resolve import data_parallel_shape, gradient_accumulation_steps
 from titanlite.config.settings import ConfigError
 
 PASS_THROUGH_FLAGS = ("-h", "--help", "--print-config")  # handled by titanlite.train itself, in one process
@@ -151,8 +152,12 @@ def main(argv: list[str] | None = None) -> None:
         worker = ["-m", "titanlite.train", "--config", config, *rest]
         if any(flag in rest for flag in PASS_THROUGH_FLAGS):
             os.execve(sys.executable, [sys.executable, *worker], {**os.environ, "TITANLITE_PROG": launcher_name()})
-        load_config(config, rest)  # fails fast: no torch imported yet
+        loaded = load_config(config, rest)  # fails fast: no torch imported yet
         nproc = positive_int("NGPU") if os.environ.get("NGPU") else max(1, visible_devices())
+        # The layout and the batch against the world size, before seconds of torch start-up per process.
+        nnodes = os.environ.get("NNODES", "1")
+        if nnodes.isdigit():  # an elastic range (MIN:MAX) leaves the world size to the rendezvous
+            gradient_accumulation_steps(loaded.training, data_parallel_shape(loaded.parallelism, nproc * int(nnodes)))
         arguments = torchrun_arguments(nproc, worker)
     except ConfigError as error:
         print(f"titanlite: config error: {error}", file=sys.stderr)

@@ -26,12 +26,17 @@ from titanlite.data.documents import DataError
 from titanlite.data.loader import batch_maker, build_dataloader, warn_if_data_bound
 from titanlite.data.sources import build_rows, find_source
 from titanlite.data.tokenizer import (TokenizerError, build_tokenizer, default_tokenizer_warning)
-from titanlite.health.monitor import HealthMonitor, HealthStop, Verdict
+from titanlite.health.actions import roll_back, stop_for_health
+from titanlite.health.monitor import HealthMonitor, HealthStop
 from titanlite.job.exits import report_to_launcher
-from titanlite.job.folder import check_dump_folder, start_run_records
+from titanlite.job.folder import start_run_records
+from titanlite.job.lock import lock_dump_folder
 from titanlite.job.logs import init_logging
-from titanlite.metrics.logger import MetricLogger, peak_flops_per_device, start_wandb
-from titanlite.metrics.profiling import OutOfMemory, TrainingProfiler, report_oom
+from titanlite.job.stop import StopSignals, StoppedBySignal, stop_on_signal
+from titanlite.job.summary import startup_summary, warmup_warning
+from titanlite.job.watchdog import Watchdog, default_store, process_group_timeout, straggler_figure
+from titanlite.metrics.logger import MetricLogger, format_duration, peak_flops_per_device, start_wandb
+from titanlite.metrics.profiling import OutOfMemory, TrainingProfiler, available_memory, report_oom
 from titanlite.metrics.validation import Validator, build_validation_rows
 from titanlite.model.attention import choose_attention_head_dim
 from titanlite.model.loss import (batch_sample_losses, cross_entropy_per_sample, valid_tokens_per_sample)
@@ -43,6 +48,7 @@ from titanlite.optim.step import global_grad_norm, step_unless_nonfinite
 from titanlite.parallel.compile import compile_loss
 from titanlite.parallel.float8 import refresh_float8_scales
 from titanlite.parallel.init import init_weights_layout_independent
+from titanlite.parallel.memory import estimate_memory, memory_verdict
 from titanlite.parallel.mesh import ParallelDims
 from titanlite.parallel.parallelize import parallelize
 from titanlite.parallel.tensor_parallel import loss_context
@@ -97,58 +103,6 @@ def resolve_device(wanted: str) -> torch.device:
     return torch.device("cpu")
 
 
-def last_checkpoint_before(checkpointer: Checkpointer, step: int) -> Path | None:
-    """The newest complete checkpoint saved before `step` (a later one may hold the failure)."""
-    if not checkpointer.settings.enable:
-        return None
-    return checkpointer.latest_complete(before_step=step)
-
-
-def roll_back(verdict: Verdict, health: HealthMonitor, checkpointer: Checkpointer, loader, grad_accum_steps: int):
-    """Reload the last checkpoint before the trouble began; returns (its step, a data iterator there).
-
-    The LR scale (health.lr_scale, read by the schedule) shrinks by health.rollback_lr_factor; with
-    health.rollback_skip_data the batches that led to the failure are not replayed. Later checkpoints
-    (saved after the trouble began) are moved aside, so that a restart does not resume into it.
-    """
-    settings, cause = health.settings, verdict.cause
-    resume_from = last_checkpoint_before(checkpointer, verdict.trouble_start)
-    if health.rollbacks >= settings.max_rollbacks or resume_from is None:
-        why = (f"after {health.rollbacks} rollbacks (health.max_rollbacks={settings.max_rollbacks})"
-               if resume_from is not None else f"and no checkpoint predates step {verdict.trouble_start} to roll back to")
-        raise HealthStop(f"{cause.signal} at step {cause.step} {why}: {cause.message}. {resume_advice(resume_from)}")
-    counters = health.run_counters()
-    step = checkpointer.load(resume_from)  # restores every Stateful, the health detectors included
-    checkpointer.set_aside_after(step, f"rollback-{health.rollbacks + 1}")
-    health.rolled_back(counters, step)
-    logger.warning("health: rolled back to step %d (%s); LR scale now %.4g, rollback %d of %d",
-                   step, resume_from, health.lr_scale, health.rollbacks, settings.max_rollbacks)
-    data_iterator = iter(loader)  # at the checkpoint's data position
-    if settings.rollback_skip_data:
-        for _ in range((cause.step - step) * grad_accum_steps):
-            next(data_iterator)
-    return step, data_iterator
-
-
-def resume_advice(resume_from: Path | None) -> str:
-    if resume_from is None:
-        return "Inspect the data and code, lower optimizer.lr, and start again (enable checkpoints to roll back)"
-    return (f"Inspect the data and code, then resume from the last checkpoint before the trouble with a lower LR: "
-            f"--checkpoint.resume {resume_from} --optimizer.lr <lower>")
-
-
-def stop(verdict: Verdict, step: int, checkpointer: Checkpointer, dump_folder: Path) -> None:
-    """Save (unless diverged: that state must not become the checkpoint to resume) and raise HealthStop."""
-    cause = verdict.cause
-    if not verdict.diverged:
-        checkpointer.maybe_save(step, force=True)
-    resume_from = last_checkpoint_before(checkpointer, verdict.trouble_start if verdict.diverged else step + 1)
-    checkpointer.close()
-    raise HealthStop(f"{cause.signal} at step {cause.step}: {cause.message} (health.{cause.signal}_action=stop). "
-                     f"Events in {dump_folder / 'health.jsonl'}; `python -m titanlite.diagnose {dump_folder}`. "
-                     f"{resume_advice(resume_from)}")
-
-
 def attention_head_dim_probe(device: torch.device):
     """resolve()'s head-dim probe on `device`: the SDPA kernel check (model/attention.py)."""
     return lambda model, tp, dtype: choose_attention_head_dim(model, tp, getattr(torch, dtype), device)
@@ -156,26 +110,40 @@ def attention_head_dim_probe(device: torch.device):
 
 def train(config: Config) -> list[dict]:
     """Run the configured training; returns the logged records (for tests and benchmarks)."""
-    # --- set-up: processes, device, the resolved run, mesh
     world_size = world_size_from_env()
     device = resolve_device(config.training.device)
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=process_group_timeout(config.job.collective_timeout_s))
     rank = dist.get_rank() if dist.is_initialized() else 0
     init_logging(rank)
+    # Host-side agreements (the folder lock, stopping on a signal, the straggler figure) on a CPU group:
+    # no device sync, and off the training collectives.
+    control_group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+    lock = lock_dump_folder(Path(config.job.dump_folder), rank, control_group)
+    stop_signals = StopSignals()
+    try:
+        return train_in_folder(config, device, rank, control_group, stop_signals)
+    finally:
+        stop_signals.restore()
+        if lock is not None:
+            lock.release()
+
+
+def train_in_folder(config: Config, device: torch.device, rank: int, control_group, stop_signals: StopSignals):
+    """train() once this process holds job.dump_folder (rank 0 its lock) and listens for stop signals."""
+    # --- set-up: the resolved run, mesh
     tokenizer = build_tokenizer(config.tokenizer.path)
     if rank == 0 and (warning := default_tokenizer_warning(config.tokenizer.path, config.data.source)):
         logger.warning(warning)
     # A missing or mismatched data.source stops the run before any work.
     source = find_source(config.data.source, config.training.seq_len, tokenizer)
-    run = resolve(config, world_size, tokenizer.vocab_size, device.type, attention_head_dim_probe(device))
+    run = resolve(config, world_size_from_env(), tokenizer.vocab_size, device.type, attention_head_dim_probe(device))
     config = run.config  # from here on, every value is concrete
     dims = ParallelDims.build(run.layout, device.type)
     torch.manual_seed(config.training.seed)
     dump_folder = Path(config.job.dump_folder)
-    if rank == 0:
-        check_dump_folder(dump_folder)
-        logger.info("derived: %s", run.derived())
+    check_memory(run, device, rank)
 
     # --- set-up: data, model, optimizer, state
     train_settings, layout, dp_rank = config.training, run.layout, dims.data_parallel_rank
@@ -186,7 +154,7 @@ def train(config: Config) -> list[dict]:
     loader = build_dataloader(rows, config.data, train_settings.micro_batch_size, train_settings.seed, dp_rank,
                               layout.data_parallel_degree, to_batch)
     reduce_group = dims.data_parallel_group
-    validator = None
+    validator = held_out = None
     if config.validation.enable:
         validation = config.validation
         held_out = build_validation_rows(validation, config.data, tokenizer, train_settings.seq_len,
@@ -217,8 +185,13 @@ def train(config: Config) -> list[dict]:
     if resumed and (changed := config_differences(checkpointer.loaded_meta["config"], run_record)):
         logger.warning("resume: this run's config differs from the checkpoint's; this config applies from step %d "
                        "(the LR schedule follows it): %s", train_state.step + 1, "; ".join(changed))
+    check_start_step(train_state.step, run.total_steps, checkpointer)
     if rank == 0:
         start_run_records(dump_folder, run_record, resumed)
+        for line in startup_summary(run, dump_folder, tokenizer, rows, held_out, train_state.step, device.type):
+            logger.info(line)
+        if warning := warmup_warning(run):
+            logger.warning(warning)
     health.install_fault_injection(model)  # testing aid only; off unless health.inject_nan_at_step
     profiler = TrainingProfiler(config.profiling, dump_folder, rank, device)
     data_iterator = iter(loader)  # after the load: it starts at the restored data position
@@ -226,15 +199,21 @@ def train(config: Config) -> list[dict]:
     metrics = MetricLogger(dump_folder, rank, model_flops, peak_flops_per_device(device, config.metrics.peak_flops),
                            config.metrics.enable_tensorboard, config.metrics.enable_jsonl, device,
                            run.total_steps, train_state.step,
-                           start_wandb(config.metrics, run_record, dump_folder) if rank == 0 else None)
+                           start_wandb(config.metrics, run_record, dump_folder) if rank == 0 else None,
+                           elapsed_before=train_state.elapsed_s)
     counts = count_parameters(config.model)
     logger.info("model: %s parameters (%s without the embedding), %s FLOPs/token, %d grad-accum steps",
                 f"{counts.total:,}", f"{counts.non_embedding:,}", f"{model_flops:,}", run.grad_accum_steps)
+    data_tokens = sum(rows.shard_rows) * train_settings.seq_len
+    watchdog = (Watchdog(config.job.collective_timeout_s, rank, dist.get_world_size(), default_store(),
+                         train_state.step) if control_group is not None else None)
 
     # --- the loop
     step = train_state.step
     loop_start = time.perf_counter()
     while step < run.total_steps:  # a while loop: a health rollback moves `step` back
+        if received := stop_signals.agreed(control_group):  # every rank stops after the same step
+            stop_on_signal(received, step, checkpointer, dump_folder)
         step += 1
         lr = learning_rate(step, config.optimizer.lr, config.lr_schedule, run.warmup_steps, run.total_steps,
                            health.lr_scale)
@@ -254,6 +233,7 @@ def train(config: Config) -> list[dict]:
         # TP peers share each micro-batch: a GPU's throughput is its 1/TP share of those tokens.
         metrics.count(run.grad_accum_steps * run.tokens_per_micro_batch // layout.tensor, data_wait)
         train_state.step, train_state.tokens_seen = step, train_state.tokens_seen + run.tokens_per_step
+        train_state.elapsed_s = metrics.elapsed()
         is_log_step = (step == 1 or step % config.metrics.log_freq == 0 or step == run.total_steps
                        or (validator is not None and validator.due(step)))
         if is_log_step or health.must_check(step, run.total_steps,
@@ -266,8 +246,12 @@ def train(config: Config) -> list[dict]:
                     validation = validator.evaluate(model, device, autocast, loss_fn, loss_scope)
                     validation_seconds = time.perf_counter() - started
                     profiler.expected_compilation()  # the blocks ran without gradients: compiled once more
-                record = metrics.log(step, {**window, "lr": lr, "tokens_seen": train_state.tokens_seen, **validation,
-                                            **profiler.on_log_step(step)}, validation_seconds)
+                stragglers = straggler_figure(stop_signals.take_boundary_wait(), metrics.window_seconds(),
+                                              step - metrics.window_first_step + 1, control_group)
+                record = metrics.log(step, {**window, "lr": lr, "tokens_seen": train_state.tokens_seen,
+                                            "epoch": train_state.tokens_seen / data_tokens, **validation,
+                                            **stragglers, **profiler.on_log_step(step)}, validation_seconds)
+                health.log_window_done()
                 warn_if_data_bound(step, record["data_wait_fraction"], config.metrics.data_wait_warn_fraction,
                                    config.data, first_window=len(metrics.history) == 1)
                 if step == 1 and config.compile.enable:
@@ -278,18 +262,48 @@ def train(config: Config) -> list[dict]:
                 step, data_iterator = roll_back(verdict, health, checkpointer, loader, run.grad_accum_steps)
                 continue
             if verdict.action == "stop":
-                stop(verdict, step, checkpointer, dump_folder)
+                stop_for_health(verdict, step, checkpointer, dump_folder)
         checkpointer.maybe_save(step, force=step == run.total_steps)
+        if watchdog is not None:
+            watchdog.finished(step)
 
     # --- tear-down
     checkpointer.maybe_save(step, force=True)  # a clean stop before the last step saves too
     checkpointer.close()  # waits for an async save in flight
+    if watchdog is not None:
+        watchdog.close()
     profiler.close()
     if rank == 0 and metrics.history:
         first, last = metrics.history[0], metrics.history[-1]
-        logger.info("done: %d steps, loss %.4f -> %.4f", step, first["loss"], last["loss"])
+        logger.info("done: step %d of %d in %s, loss %.4f -> %.4f (log-window means, steps %d-%d of this process)",
+                    step, run.total_steps, format_duration(metrics.elapsed()),
+                    first.get("loss_window_mean", first["loss"]), last.get("loss_window_mean", last["loss"]),
+                    first["step"], last["step"])
     metrics.close()
     return metrics.history
+
+
+def check_start_step(step: int, total_steps: int, checkpointer: Checkpointer) -> None:
+    """Before any work: a resumed step past the run's end, or a folder a later save would refuse."""
+    if step > total_steps:
+        raise ConfigError(f"the checkpoint resumed is at step {step}, past this run's {total_steps} steps "
+                          "(training.steps / training.total_tokens): raise them to train on, or resume an earlier "
+                          "checkpoint (checkpoint.resume)")
+    if step == total_steps and step:
+        logger.info("the run is already complete: step %d of %d; nothing to train", step, total_steps)
+    checkpointer.check_later_folders(step)
+
+
+def check_memory(run, device: torch.device, rank: int) -> None:
+    """Refuse a run whose estimated peak does not fit the device (warn when only within the estimate's
+    error), before anything large is allocated."""
+    processes_on_host = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    available, where = available_memory(device, processes_on_host)
+    verdict = memory_verdict(estimate_memory(run.config, run.layout, run.grad_accum_steps), available, where)
+    if verdict and verdict[0] == "refuse":
+        raise OutOfMemory(f"will not fit: {verdict[1]}")
+    if verdict and rank == 0:
+        logger.warning("memory: may not fit: %s", verdict[1])
 
 
 def print_config(config: Config) -> None:
@@ -305,11 +319,12 @@ def print_config(config: Config) -> None:
 
 
 # Errors in the input or the run's state, with the exit code scripts can test: 2 bad input,
-# 1 a checkpoint or memory problem, 3 stopped on purpose by the health monitor.
+# 1 a checkpoint or memory problem, 3 stopped on purpose by the health monitor, 4 stopped by a
+# signal after saving (5, a stalled job, comes from job/watchdog.py).
 _USER_ERROR_TABLE = (
     (ConfigError, "config error: ", 2), (TokenizerError, "tokenizer error: ", 2), (DataError, "data error: ", 2),
     (CheckpointError, "checkpoint error: ", 1), (OutOfMemory, "", 1),
-    (HealthStop, "stopped by the health monitor: ", 3),
+    (HealthStop, "stopped by the health monitor: ", 3), (StoppedBySignal, "stopped by ", 4),
 )
 USER_ERRORS = tuple(kind for kind, _, _ in _USER_ERROR_TABLE)
 

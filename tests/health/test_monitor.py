@@ -283,7 +283,7 @@ def test_stop_wins_over_rollback_and_rollback_without_checkpoint_stops(tmp_path,
     from titanlite.config.resolve import resolve
     from titanlite.health.detectors import Event
     from titanlite.health.monitor import HealthStop
-    from titanlite.train import roll_back, stop
+    from titanlite.health.actions import roll_back, stop_for_health
 
     config = load_config(None, ["--training.steps", "9", "--health.spike_action", "stop"])
     monitor = HealthMonitor(config.health, config.training.grad_clip, 0, config.metrics.log_freq, tmp_path, rank=0, device=torch.device("cpu"))
@@ -299,10 +299,10 @@ def test_stop_wins_over_rollback_and_rollback_without_checkpoint_stops(tmp_path,
     with pytest.raises(HealthStop, match="no checkpoint predates step 9 to roll back to"):
         roll_back(Verdict("rollback", divergence, 9, True), monitor, checkpointer, None, run.grad_accum_steps)
     with pytest.raises(HealthStop, match=r"spike at step 9: loss 5 vs trend 2.5 \(health.spike_action=stop\)"):
-        stop(Verdict("stop", spike, 9), 9, checkpointer, tmp_path)
+        stop_for_health(Verdict("stop", spike, 9), 9, checkpointer, tmp_path)
     # Rollbacks used up: the stop names the checkpoint to resume from, the last one before the trouble.
-    import titanlite.train as train_module
-    monkeypatch.setattr(train_module, "last_checkpoint_before",
+    import titanlite.health.actions as actions
+    monkeypatch.setattr(actions, "last_checkpoint_before",
                         lambda _, step: tmp_path / "checkpoint" / "step-00000005" if step == 9 else None)
     monitor.rollbacks = config.health.max_rollbacks
     with pytest.raises(HealthStop, match="after 3 rollbacks") as error:

@@ -207,7 +207,8 @@ class Checkpointer:
 
     def _meta(self, step: int) -> dict:
         layout = self.layout
-        return {"step": step, "tokens_seen": self.train_state.tokens_seen, "model_only": False,
+        return {"step": step, "tokens_seen": self.train_state.tokens_seen, "elapsed_s": self.train_state.elapsed_s,
+                "model_only": False,
                 "layout": {"world_size": layout.world_size, "data_parallel_replicate": layout.replicate,
                            "data_parallel_shard": layout.shard, "tensor_parallel": layout.tensor,
                            "data_parallel_degree": layout.data_parallel_degree},
@@ -280,6 +281,18 @@ class Checkpointer:
                 self._warned.add(path.name)
                 logger.warning("checkpoint: ignoring incomplete %s (a save that did not finish)", path)
         return sorted(found)
+
+    def check_later_folders(self, step: int) -> None:
+        """Refuse now what a save would refuse after training: a step-N folder past `step` that is not a
+        complete checkpoint (never overwritten). Collective."""
+        def check() -> None:
+            for later, path in self.complete_checkpoints():
+                if later > step and not looks_complete(path):
+                    raise CheckpointError(f"{path} exists but is not a complete checkpoint (no meta.json or .metadata); "
+                                          f"this run would stop at its save of step {later}: move it out of "
+                                          f"{self.folder}, or set checkpoint.folder")
+        if self.settings.enable:
+            self._on_rank0(check)
 
     def _apply_retention(self, published_step: int) -> None:
         # Keeps the keep_latest_k newest checkpoints up to the one just published. Later steps
@@ -378,4 +391,5 @@ class Checkpointer:
         if model_only:
             return None
         self._last_saved_step = self.train_state.step
+        self.train_state.elapsed_s = float(meta.get("elapsed_s", 0.0))
         return self.train_state.step

@@ -18,6 +18,9 @@ class TrainState:
 
     def __init__(self) -> None:
         self.step, self.tokens_seen = 0, 0
+        # Wall time of the run's processes so far: recorded in meta.json, not in the DCP state, so
+        # checkpoints without it still load.
+        self.elapsed_s = 0.0
 
     def state_dict(self) -> dict:
         return {"step": self.step, "tokens_seen": self.tokens_seen}

@@ -19,11 +19,13 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from titanlite.config.load import validate
-from titanlite.config.settings import Config, ConfigError, Float8, Model, Parallelism
+from titanlite.config.settings import Config, ConfigError, Float8, Model, Parallelism, Training
 
 # (model settings, TP degree, compute dtype name) -> the head dim attention runs at; on CUDA the
 # start-up kernel probe (model/attention.py), which needs torch and a device, so it is passed in.
 HeadDimProbe = Callable[[Model, int, str], int]
+# A step's micro-batches are fetched before it runs: beyond this, host memory, not the config, is the limit.
+MAX_GRAD_ACCUM_STEPS = 65536
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,24 @@ def data_parallel_shape(parallelism: Parallelism, world_size: int) -> Layout:
             f"!= world size {world_size}: set parallelism.data_parallel_shard_degree=-1 or launch "
             f"{replicate * shard * tp} processes")
     return Layout(replicate=replicate, shard=shard, tensor=tp)
+
+
+def gradient_accumulation_steps(train: Training, layout: Layout) -> int:
+    """Micro-batches per rank per step; ConfigError if the global batch does not split into them."""
+    dp = layout.data_parallel_degree
+    tokens_per_micro_batch = train.micro_batch_size * train.seq_len
+    if train.global_batch_tokens % (tokens_per_micro_batch * dp):
+        raise ConfigError(
+            f"training.global_batch_tokens={train.global_batch_tokens}: must be a multiple of "
+            f"micro_batch_size {train.micro_batch_size} x seq_len {train.seq_len} x data-parallel degree {dp} "
+            f"= {tokens_per_micro_batch * dp}")
+    grad_accum_steps = train.global_batch_tokens // (tokens_per_micro_batch * dp)
+    if grad_accum_steps > MAX_GRAD_ACCUM_STEPS:
+        raise ConfigError(
+            f"training.global_batch_tokens={train.global_batch_tokens:,} is {grad_accum_steps:,} micro-batches per "
+            f"rank per step (at most {MAX_GRAD_ACCUM_STEPS:,}; each is held in host memory): lower "
+            "global_batch_tokens (Llama 3 used 16M tokens), or raise training.micro_batch_size or the number of processes")
+    return grad_accum_steps
 
 
 def steps_for_tokens(tokens: int, tokens_per_step: int) -> int:
@@ -193,13 +213,9 @@ def resolve(config: Config, world_size: int, tokenizer_vocab_size: int, device_t
     CUDA, the kernel probe); None keeps model.attention_head_dim (0 = the true head dim).
     """
     layout = data_parallel_shape(config.parallelism, world_size)
-    dp, train = layout.data_parallel_degree, config.training
+    train = config.training
     tokens_per_micro_batch = train.micro_batch_size * train.seq_len
-    if train.global_batch_tokens % (tokens_per_micro_batch * dp):
-        raise ConfigError(
-            f"training.global_batch_tokens={train.global_batch_tokens}: must be a multiple of "
-            f"micro_batch_size {train.micro_batch_size} x seq_len {train.seq_len} x data-parallel degree {dp} "
-            f"= {tokens_per_micro_batch * dp}")
+    grad_accum_steps = gradient_accumulation_steps(train, layout)
     if train.total_tokens == 0 and train.steps == 0:
         raise ConfigError("training.total_tokens=0 and training.steps=0: set one of them")
     float8_all_gather = uses_float8_all_gather(config.float8, layout.shard)
@@ -211,7 +227,7 @@ def resolve(config: Config, world_size: int, tokenizer_vocab_size: int, device_t
     total_steps = train.steps or max(1, steps_for_tokens(train.total_tokens, train.global_batch_tokens))
     return Run(
         config=resolved, layout=layout, tokens_per_micro_batch=tokens_per_micro_batch,
-        grad_accum_steps=train.global_batch_tokens // (tokens_per_micro_batch * dp),
+        grad_accum_steps=grad_accum_steps,
         tokens_per_step=train.global_batch_tokens, total_steps=total_steps,
         warmup_steps=steps_for_tokens(config.lr_schedule.warmup_tokens, train.global_batch_tokens),
         total_tokens=total_steps * train.global_batch_tokens, device_type=device_type, compute_dtype=compute_dtype,

@@ -27,6 +27,9 @@ def setting(default, help: str, *, choices: tuple | None = None, ge: float | Non
 class Job:
     dump_folder: str = setting("./outputs/run", "the run's output folder: logs, metrics, checkpoints")
     description: str = setting("", "free text, copied into the metrics stream")
+    collective_timeout_s: float = setting(600.0, "no step finished on some rank for this long ends the job (exit 5), "
+                                                 "naming the ranks that stopped; raise it above the longest save, "
+                                                 "load or first compile", gt=0)
 
 
 @dataclass

@@ -76,6 +76,7 @@ class HealthMonitor:
         self.grad_clip = grad_clip
         self.pending: list[StepRecord] = []
         self.checked: list[StepRecord] = []  # the last checked window, for capture
+        self.log_window_losses: list[float] = []  # losses since the last log step: the logged loss is their mean
         self.last_step = 0  # last recorded step
         self.overflow_steps = 0  # steps skipped for non-finite gradients, over the whole run
         self.nonfinite_loss_steps = 0
@@ -130,9 +131,11 @@ class HealthMonitor:
             if self.settings.enable:
                 events += self.detectors.observe(record.step, loss, grad_norm, bool(skipped))
         self.checked, self.pending = self.pending, []
+        self.log_window_losses += [row[0] for row in rows]
         finite_norms = [row[1] for row in rows if math.isfinite(row[1])]
         metrics = {
             "loss": rows[-1][0], "grad_norm": rows[-1][1],
+            "loss_window_mean": sum(self.log_window_losses) / len(self.log_window_losses),
             "loss_max_step": max(row[0] for row in rows), "loss_max_sample": max(row[2] for row in rows),
             "grad_norm_max": max(finite_norms, default=math.nan),
             "clipped_fraction": (sum(n > self.grad_clip for n in finite_norms) / len(finite_norms)
@@ -212,6 +215,11 @@ class HealthMonitor:
         self.rollbacks += 1
         self.lr_scale *= self.settings.rollback_lr_factor
         self.pending, self.checked, self.last_step = [], [], step
+        self.log_window_losses = []
+
+    def log_window_done(self) -> None:
+        """The loop logged the window: loss_window_mean starts over (checks between log steps add to it)."""
+        self.log_window_losses = []
 
     def state_dict(self) -> dict:
         # One JSON string: DCP stores it as one object, whatever the lengths of the histories

@@ -90,7 +90,7 @@ class MetricLogger:
 
     def __init__(self, dump_folder: Path, rank: int, flops_per_token: int, peak_flops: float,
                  tensorboard: bool, jsonl: bool, device: torch.device, total_steps: int = 0, start_step: int = 0,
-                 wandb_run=None):
+                 wandb_run=None, elapsed_before: float = 0.0):
         self.rank, self.flops_per_token, self.peak_flops, self.device = rank, flops_per_token, peak_flops, device
         self.total_steps, self.window_first_step = total_steps, start_step + 1  # progress and ETA
         self.jsonl = None
@@ -105,10 +105,19 @@ class MetricLogger:
                     SummaryWriter,  # imported late: slow and optional
                 )
                 self.writer = SummaryWriter(str(dump_folder / "tb"))
-        self.run_start = self.window_start = time.perf_counter()
+        self.window_start = time.perf_counter()
+        self.run_start = self.window_start - elapsed_before  # elapsed counts the run's earlier processes too
         self.window_tokens = 0
         self.window_data_wait = 0.0
         self.history: list[dict] = []  # every logged record, for the closing summary
+
+    def elapsed(self) -> float:
+        """Seconds of the run so far, its earlier processes (before a resume) included."""
+        return time.perf_counter() - self.run_start
+
+    def window_seconds(self) -> float:
+        """Seconds since the last log step (no device sync: the straggler figure's scale)."""
+        return time.perf_counter() - self.window_start
 
     def count(self, tokens: int, data_wait_seconds: float) -> None:
         self.window_tokens += tokens
@@ -183,7 +192,8 @@ def format_duration(seconds: float) -> str:
 def format_record(record: dict) -> str:
     """'step: 10/80  loss: 7.1234  grad_norm: 1.23 ...': stable keys so tools can grep logs."""
     total = f"/{record['total_steps']}" if record.get("total_steps") else ""
-    parts = [f"step: {record['step']}{total}", f"loss: {record['loss']:.4f}"]
+    # The mean over the log window, as Megatron logs it; metrics.jsonl keeps the step's own `loss` too.
+    parts = [f"step: {record['step']}{total}", f"loss: {record.get('loss_window_mean', record['loss']):.4f}"]
     if "tokens_seen" in record:
         parts.append(f"tokens: {record['tokens_seen']:,}")
     if "elapsed_s" in record:
@@ -194,6 +204,7 @@ def format_record(record: dict) -> str:
                "mfu_percent": "mfu: {:.1f}%", "memory/max_allocated_gib": "mem: {:.1f}GiB",
                "data_wait_fraction": "data_wait: {:.1%}", "loss_max_sample": "worst_sample: {:.3f}",
                "clipped_fraction": "clipped: {:.0%}", "overflow_steps": "overflow: {:d}",
-               "val_loss": "val_loss: {:.4f}", "val_perplexity": "val_ppl: {:.3f}"}
+               "val_loss": "val_loss: {:.4f}", "val_perplexity": "val_ppl: {:.3f}",
+               "epoch": "epoch: {:.2f}", "straggler_ratio": "straggler: {:.2f}"}
     parts += [fmt.format(record[key]) for key, fmt in formats.items() if key in record]
     return "  ".join(parts)

@@ -166,3 +166,16 @@ def report_oom(step: int, dump_folder: Path, rank: int, device: torch.device):
             f"CUDA out of memory at step {step} during the {phase} ({where}); memory summary and snapshot in "
             f"{folder}. Lower training.micro_batch_size, turn on activation_checkpoint.mode=selective or full, "
             "or rerun with profiling.record_memory_history=true to see which allocation grew") from error
+
+
+def available_memory(device: torch.device, processes_on_host: int) -> tuple[float, str]:
+    """(bytes this process may use, in words where): the GPU's free memory, or on CPU this process's
+    share of the host's available memory (every local rank allocates from it)."""
+    if device.type == "cuda":
+        return float(torch.cuda.mem_get_info(device)[0]), f"GPU {device.index}"
+    try:
+        meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+        available = float(meminfo["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return float("inf"), "the host"
+    return available / max(1, processes_on_host), f"the host (shared by {processes_on_host} processes)"

@@ -166,3 +166,15 @@ def estimate_memory(config: Config, layout: Layout, grad_accum_steps: int = 1) -
                static + gradients + transient)
     init = parameters + INIT_TEMPORARIES * 4 * largest_parameter(config.model)  # the shard + one full parameter
     return MemoryEstimate(parameters, gradients, optimizer, buffers, activations, logits, transient, peak, host, init)
+
+
+def memory_verdict(estimate: MemoryEstimate, available_bytes: float, where: str) -> tuple[str, str] | None:
+    """Before allocating: ("refuse", line) when the estimated peak exceeds what `where` has by more than
+    the estimate's margin, ("warn", line) when it fits only within the margin, else None."""
+    peak = max(estimate.peak, estimate.init_transient)
+    if peak * ESTIMATE_MARGIN <= available_bytes:
+        return None
+    line = (f"the estimated peak is {peak / GIB:.1f} GiB per process and {where} has {available_bytes / GIB:.1f} GiB "
+            "available; `python -m titanlite.plan --config <this config>` shows the terms and what would fit "
+            "(activation_checkpoint.mode, training.micro_batch_size, optimizer.name=adamw8bit, more processes)")
+    return ("refuse", line) if peak > available_bytes * ESTIMATE_MARGIN else ("warn", line)
