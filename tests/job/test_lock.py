@@ -5,6 +5,8 @@ import logging
 import os
 import signal
 import socket
+import subprocess
+import sys
 
 import pytest
 from running import start, wait_for_step
@@ -13,17 +15,29 @@ from titanlite.config.settings import ConfigError
 from titanlite.job.lock import DumpFolderLock, lock_dump_folder
 
 
+HOLD = ("import sys, time\n"
+        "from titanlite.job.lock import DumpFolderLock\n"
+        "lock = DumpFolderLock(sys.argv[1])\n"
+        "print('held', flush=True)\n"
+        "time.sleep(120)\n")
+
+
 def test_a_held_folder_is_refused_naming_the_holder(tmp_path):
-    holder = DumpFolderLock(tmp_path)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     try:
+        assert holder.stdout.readline() == "held\n"
         with pytest.raises(ConfigError) as error:
             lock_dump_folder(tmp_path, 0, None)
-        assert str(error.value).startswith(f"job.dump_folder={tmp_path} is in use by another run (pid {os.getpid()} "
+        assert str(error.value).startswith(f"job.dump_folder={tmp_path} is in use by another run (pid {holder.pid} "
                                            f"on host {socket.gethostname()}, started ")
         assert str(error.value).endswith("wait for it to end, stop it, or choose another job.dump_folder")
     finally:
-        holder.release()
-    lock_dump_folder(tmp_path, 0, None).release()  # released: free again, and no warning of an unclean end
+        holder.kill()
+        holder.wait()
+    # Killed: the kernel dropped its lock; the next run takes over and warns (the details stayed).
+    lock = lock_dump_folder(tmp_path, 0, None)
+    assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
+    lock.release()
 
 
 def test_the_lock_of_a_killed_run_is_taken_over_with_a_warning(tmp_path, caplog):

@@ -1,9 +1,11 @@
 """One run per job.dump_folder: rank 0 holds an exclusive lock on <folder>/.lock for the run's life.
 
-Two runs in one folder replace each other's records and checkpoints. The lock is an flock(2),
-which the kernel drops when its holder dies however it dies, so a lock left by a killed run is
-free; the file keeps the holder's host, pid and start time, for the line that refuses a second
-run and for the warning when a run takes over after one that did not end cleanly.
+Two runs in one folder replace each other's records and checkpoints. The lock is a POSIX record
+lock (lockf), which the kernel drops when its holder dies however it dies, so a lock left by a
+killed run is free; unlike flock it is not shared with forked children (DataLoader workers that
+outlive a killed trainer would keep an flock), and NFS carries it between hosts. The file keeps
+the holder's host, pid and start time, for the line that refuses a second run and for the
+warning when a run takes over after one that did not end cleanly.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ class DumpFolderLock:
         self.path = Path(folder) / LOCK_NAME
         self.file = open(self.path, "a+")
         try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.lockf(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as error:
             self.file.seek(0)
             holder = describe_holder(self.file.read())
