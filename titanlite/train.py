@@ -289,6 +289,10 @@ def train(config: Config) -> list[dict]:
         first, last = metrics.history[0], metrics.history[-1]
         logger.info("done: %d steps, loss %.4f -> %.4f", step, first["loss"], last["loss"])
     metrics.close()
+    if dist.is_initialized():
+        # The training groups' threads live until exit (torch's DTensor caches keep the mesh): their
+        # last collective is one without tensors, which frees no tensor at shutdown (Checkpointer.close).
+        dist.barrier()
     return metrics.history
 
 
