@@ -27,7 +27,7 @@ from titanlite.data.loader import batch_maker, build_dataloader, warn_if_data_bo
 from titanlite.data.sources import build_rows, find_source
 from titanlite.data.tokenizer import (TokenizerError, build_tokenizer, default_tokenizer_warning)
 from titanlite.health.monitor import HealthMonitor, HealthStop, Verdict
-from titanlite.job.exits import report_to_launcher
+from titanlite.job.exits import die_with_launcher, report_to_launcher
 from titanlite.job.folder import check_dump_folder, start_run_records
 from titanlite.job.logs import init_logging
 from titanlite.metrics.logger import MetricLogger, peak_flops_per_device, start_wandb
@@ -326,6 +326,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", default=None, help="TOML file, or a name in train_configs/")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and derived values")
     args, overrides = parser.parse_known_args(argv)
+    die_with_launcher()  # before any work: a rank must not outlive its launcher
     try:
         config = load_config(args.config, overrides)
         if args.print_config:
