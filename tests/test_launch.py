@@ -6,8 +6,10 @@ import importlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -111,6 +113,162 @@ def test_the_rank_that_said_why_is_reported_over_a_shown_peer_that_crashed_after
     error = SimpleNamespace(failures=failures, format_msg=lambda: "torchrun summary")
     assert exit_code_of_failure(error) == 2
     assert "titanlite: data error: shard x.parquet is corrupt (rank 1)" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_finished_two_process_runs_exit_0(tmp_path):
+    """Finished 2-process runs used to abort at interpreter exit (SIGABRT: exit 134, "terminate called
+    without an active exception") in about half the runs with checkpoints: a resume from one process
+    on FSDP 2 saving asynchronously, and TP 2 saving synchronously. scripts/stress_exits.py repeats
+    such runs; one of each here."""
+    saving = ["--checkpoint.enable", "true", "--checkpoint.interval", "2", "--metrics.log_freq", "2"]
+    runs = [("1", tmp_path / "resumed", ["--training.steps", "2"]),
+            ("2", tmp_path / "resumed", ["--training.steps", "4", "--parallelism.data_parallel_shard_degree", "2",
+                                         "--checkpoint.async_mode", "async"]),
+            ("2", tmp_path / "tp", ["--training.steps", "2", "--parallelism.tensor_parallel_degree", "2"])]
+    for ngpu, folder, arguments in runs:
+        result = launch(tmp_path, *TINY, *saving, *arguments, "--job.dump_folder", str(folder), NGPU=ngpu,
+                        LOG_RANK="0,1")
+        output = result.stdout + result.stderr
+        assert result.returncode == 0 and "terminate called" not in output, output
+    assert (tmp_path / "resumed" / "checkpoint" / "step-00000004" / "meta.json").is_file()
+    assert (tmp_path / "tp" / "checkpoint" / "step-00000002" / "meta.json").is_file()
+
+
+STOPPING_WORKER = """
+import os, signal, sys, time
+from pathlib import Path
+from titanlite.job.exits import die_with_launcher
+
+die_with_launcher()
+
+
+def stop(signum, frame):  # as the trainer does: finish the step, save, exit 4 (here: a second's work)
+    time.sleep(1)
+    print(f"rank {os.environ['RANK']} stopped on {signal.Signals(signum).name}", flush=True)
+    sys.exit(4)
+
+
+for name in os.environ.get("STOP_ON", "").split():
+    signal.signal(getattr(signal, name), stop)
+for name in os.environ.get("IGNORE", "").split():
+    signal.signal(getattr(signal, name), signal.SIG_IGN)
+Path(f"rank{os.environ['RANK']}.pid").write_text(str(os.getpid()))
+while True:
+    time.sleep(0.1)
+"""
+
+
+def start_launcher(folder: Path, **env: str) -> subprocess.Popen:
+    """titanlite's launcher running STOPPING_WORKER on 2 ranks (both shown); returns once both run."""
+    (folder / "worker.py").write_text(STOPPING_WORKER)
+    code = ("import sys; from titanlite.launch import run_torchrun, torchrun_arguments; "
+            "sys.exit(run_torchrun(torchrun_arguments(2, ['worker.py'])))")
+    environment = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "LOG_RANK": "0,1", **env}
+    launcher = subprocess.Popen([sys.executable, "-c", code], cwd=folder, env=environment, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while not all((folder / f"rank{rank}.pid").is_file() for rank in (0, 1)):
+        assert launcher.poll() is None and time.monotonic() < deadline, launcher.communicate(timeout=30)[0]
+        time.sleep(0.1)
+    time.sleep(0.2)  # the pid files are written after the workers' signal handlers are set
+    return launcher
+
+
+def rank_pids(folder: Path) -> list[int]:
+    return [int((folder / f"rank{rank}.pid").read_text()) for rank in (0, 1)]
+
+
+def is_running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in "ZX"  # a zombie has stopped running; its new parent may not reap it
+
+
+@pytest.mark.parametrize("stop_signal", ["SIGTERM", "SIGINT", "SIGUSR1"])
+def test_a_signal_to_the_launcher_is_passed_to_the_ranks_and_their_exit_code_kept(tmp_path, stop_signal):
+    """SIGTERM (preemption), SIGINT (Ctrl-C) and SIGUSR1 (SLURM's warning) to the launcher reach every
+    rank as the same signal; the launcher waits for them to stop on their own and exits with their code,
+    not torchrun's SignalException and SIGTERM, SIGKILL 30 s later."""
+    launcher = start_launcher(tmp_path, STOP_ON="SIGTERM SIGINT SIGUSR1")
+    launcher.send_signal(getattr(signal, stop_signal))
+    output = launcher.communicate(timeout=120)[0]
+    assert launcher.returncode == 4, output
+    assert f"[rank0]:rank 0 stopped on {stop_signal}" in output and f"[rank1]:rank 1 stopped on {stop_signal}" in output
+    assert "Traceback" not in output and "SignalException" not in output
+
+
+def test_ranks_that_do_not_stop_within_the_grace_are_killed(tmp_path):
+    launcher = start_launcher(tmp_path, TITANLITE_STOP_GRACE_S="1", IGNORE="SIGTERM")  # stuck ranks
+    launcher.send_signal(signal.SIGTERM)
+    output = launcher.communicate(timeout=120)[0]
+    assert launcher.returncode == 128 + signal.SIGKILL, output
+    assert output.count("did not stop within 1 s of SIGTERM: killed") == 2, output
+    assert not any(is_running(pid) for pid in rank_pids(tmp_path))
+
+
+def test_the_ranks_die_with_a_killed_launcher(tmp_path):
+    launcher = start_launcher(tmp_path)
+    launcher.kill()  # kill -9: no handler runs; torchrun started the ranks in sessions of their own
+    launcher.communicate(timeout=30)
+    deadline = time.monotonic() + 5
+    while any(is_running(pid) for pid in rank_pids(tmp_path)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    running = [pid for pid in rank_pids(tmp_path) if is_running(pid)]
+    for pid in running:  # leave nothing behind, whatever the outcome
+        os.kill(pid, signal.SIGKILL)
+    assert not running, "the ranks outlived their launcher"
+
+
+def test_a_rank_whose_launcher_died_before_it_started_stops_at_once(tmp_path):
+    """The parent-death signal is armed in main, seconds after torchrun started the rank (imports):
+    a rank whose launcher is already gone (its parent is not TITANLITE_LAUNCHER_PID) stops."""
+    code = "from titanlite.job.exits import die_with_launcher; die_with_launcher(); print('trained on')"
+    environment = {**os.environ, "PYTHONPATH": str(REPO), "TORCHELASTIC_RUN_ID": "test",
+                   "TITANLITE_LAUNCHER_PID": str(os.getpid() + 1)}  # not this rank's parent
+    result = subprocess.run([sys.executable, "-c", code], env=environment, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 128 + signal.SIGKILL and result.stdout == ""
+    assert lines(result.stderr) == [f"titanlite: the launcher (pid {os.getpid() + 1}) is gone: this rank stops"]
+
+
+def test_a_killed_rank_is_the_reported_cause_not_its_stopped_peer(tmp_path):
+    """kill -9 of rank 1: torchrun then stops rank 0 with SIGTERM (here it exits 4, as the trainer
+    does when stopped); the launcher names rank 1 and SIGKILL and exits 137, not 143 or 4."""
+    launcher = start_launcher(tmp_path, STOP_ON="SIGTERM")
+    rank1 = rank_pids(tmp_path)[1]
+    os.kill(rank1, signal.SIGKILL)
+    output = launcher.communicate(timeout=120)[0]
+    assert launcher.returncode == 128 + signal.SIGKILL, output
+    assert lines(output)[-1] == f"titanlite: rank 1 (pid {rank1}) was killed by SIGKILL; the other ranks were stopped"
+    assert "[rank0]:rank 0 stopped on SIGTERM" in output
+
+
+def test_the_root_cause_is_the_earliest_failure_and_a_signal_other_than_sigterm(monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    from titanlite.launch import exit_code_of_failure, root_cause_rank
+
+    def failure(exitcode, timestamp, message=None, local_rank=0):
+        return SimpleNamespace(exitcode=exitcode, timestamp=timestamp, message=message, local_rank=local_rank, pid=7)
+
+    monkeypatch.setenv("LOG_RANK", "0")
+    # Same second: the killed rank, not the one torchrun stopped (SIGTERM) nor one that crashed on the
+    # broken connection (status 1), whichever is shown.
+    assert root_cause_rank({0: failure(-15, 100), 1: failure(-9, 100, local_rank=1)}) == 1
+    assert root_cause_rank({0: failure(1, 100), 1: failure(-9, 100, local_rank=1)}) == 1
+    # An earlier failure wins: rank 0 crashed (SIGSEGV) and rank 1 was killed after torchrun's grace.
+    assert root_cause_rank({0: failure(-11, 100), 1: failure(-9, 131, local_rank=1)}) == 0
+    # Timestamps are whole seconds, taken when torchrun polls: the next second is as early.
+    assert root_cause_rank({0: failure(1, 100), 1: failure(-9, 101, local_rank=1)}) == 1
+    # A titanlite line over a plain status, and over a rank stopped by SIGTERM after leaving its own.
+    line = "titanlite: data error: shard x.parquet is corrupt"
+    assert root_cause_rank({0: failure(1, 100), 1: failure(2, 100, line, local_rank=1)}) == 1
+    assert root_cause_rank({0: failure(-15, 100, line), 1: failure(2, 100, line, local_rank=1)}) == 1
+    # All stopped on a signal (exit 4): any of them, with code 4 and no line of the launcher's.
+    error = SimpleNamespace(failures={0: failure(4, 100), 1: failure(4, 100, local_rank=1)})
+    assert exit_code_of_failure(error) == 4 and capsys.readouterr().err == ""
 
 
 def test_paths_are_relative_to_the_launch_folder_and_config_file_is_honoured(tmp_path):

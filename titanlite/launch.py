@@ -5,8 +5,10 @@
 
 Environment: NGPU (processes on this node; default: visible GPUs, else 1), NNODES, NODE_RANK,
 MASTER_ADDR, MASTER_PORT (torchrun's static rendezvous) or RDZV_ENDPOINT and RDZV_ID (c10d
-rendezvous), LOG_RANK (local ranks whose output is shown, default 0). Paths in the config and on
-the command line are relative to the folder you launch from.
+rendezvous), LOG_RANK (local ranks whose output is shown, default 0), TITANLITE_STOP_GRACE_S
+(seconds the ranks may take to stop after SIGTERM, SIGINT or SIGUSR1, default 300: see
+job/stop_signals.py). Paths in the config and on the command line are relative to the folder you
+launch from.
 
 Three steps, chosen so that every failure reads as one titanlite line with its exit code
 (2 bad input, 1 checkpoint or memory, 3 stopped by the health monitor):
@@ -19,19 +21,23 @@ Three steps, chosen so that every failure reads as one titanlite line with its e
    status 1. Here the failure is caught and mapped back: the exit code is the failed rank's, and
    its message is the one line the trainer left in torch elastic's per-worker error file
    (TORCHELASTIC_ERROR_FILE, see job/exits.py), printed when that rank's output is not
-   already on screen. A failure that is not titanlite's (a crash, a signal) keeps torchrun's summary.
+   already on screen. A rank killed by a signal is named in one line with the signal, and the
+   exit code is 128 + its number; the reported rank is the root cause, not a peer that torchrun
+   stopped because of it (root_cause_rank).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
 from titanlite.config.load import load_config
 from titanlite.config.resolve import data_parallel_shape, gradient_accumulation_steps
 from titanlite.config.settings import ConfigError
+from titanlite.job.stop_signals import forward_stop_signals, stop_grace_seconds
 
 PASS_THROUGH_FLAGS = ("-h", "--help", "--print-config")  # handled by titanlite.train itself, in one process
 
@@ -93,6 +99,9 @@ def torchrun_arguments(nproc: int, worker: list[str]) -> list[str]:
                       "--master_port", os.environ.get("MASTER_PORT", "29500")]
     else:
         arguments += ["--standalone"]
+    # torchrun's agent turns SIGTERM and SIGINT into SIGTERM for the workers and SIGKILL 30 s later;
+    # forward_stop_signals handles those (and SIGUSR1) instead, so the agent keeps SIGHUP and SIGQUIT only.
+    arguments += ["--signals_to_handle", "SIGHUP,SIGQUIT"]
     return arguments + ["--local-ranks-filter", os.environ.get("LOG_RANK", "0"), "--role", "rank", "--tee", "3",
                         *worker]
 
@@ -101,23 +110,49 @@ def shown_local_ranks() -> set[int]:
     return {int(rank) for rank in os.environ.get("LOG_RANK", "0").split(",") if rank.strip().isdigit()}
 
 
-def exit_code_of_failure(error) -> int:
-    """Report a torchrun ChildFailedError in titanlite's terms; returns the exit code to use.
+def root_cause_rank(failures: dict) -> int:
+    """The rank whose failure ended the run, among torchrun's ProcessFailures (rank -> failure).
 
-    The rank reported is one that exited on its own (the others were then stopped by torchrun with
-    a signal), preferably one that reported a titanlite error (a peer of it may crash a moment later
-    on the broken connection), then one whose output is on screen: it has already said why.
+    When one rank fails, torchrun stops the others with SIGTERM (then SIGKILL after 30 s), and a
+    peer waiting on a collective may crash on the broken connection first: those are collateral.
+    The earliest failures are the candidates (a timestamp is the second torchrun noticed the exit,
+    or the second the rank wrote its error file: within a second of the earliest counts as as
+    early). Among them: a rank killed by a signal other than SIGTERM (kill -9, the kernel's OOM
+    killer, a crash: torchrun sends none of those first), then one that exited with a titanlite
+    line, then one that exited with another status, then one stopped by SIGTERM; then a rank whose
+    output is on screen, then the lowest rank.
     """
-    shown, failures = shown_local_ranks(), error.failures
-    said_why = {r for r, failure in failures.items()
-                if isinstance(failure.message, str) and failure.message.startswith("titanlite: ")}
-    rank = min(failures, key=lambda r: (failures[r].exitcode <= 0, r not in said_why,
-                                        failures[r].local_rank not in shown, failures[r].timestamp, r))
+    shown, earliest = shown_local_ranks(), min(failure.timestamp for failure in failures.values())
+
+    def kind(failure) -> int:
+        if failure.exitcode < 0:
+            return 0 if -failure.exitcode != signal.SIGTERM else 3
+        said_why = isinstance(failure.message, str) and failure.message.startswith("titanlite: ")
+        return 1 if said_why else 2
+
+    candidates = [rank for rank, failure in failures.items() if failure.timestamp <= earliest + 1]
+    return min(candidates, key=lambda r: (kind(failures[r]), failures[r].local_rank not in shown, r))
+
+
+def signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def exit_code_of_failure(error) -> int:
+    """Report a torchrun ChildFailedError in titanlite's terms, naming its root cause (root_cause_rank);
+    returns the exit code to use: the root cause's status, or 128 + the signal that killed it."""
+    failures = error.failures
+    rank = root_cause_rank(failures)
     failure = failures[rank]
-    if failure.exitcode <= 0:  # killed by a signal (the kernel's OOM killer, a scheduler): torchrun's summary
-        print(error.format_msg(), file=sys.stderr)
+    if failure.exitcode < 0:  # killed by a signal: no line of its own, whatever its output shows
+        others = "; the other ranks were stopped" if len(failures) > 1 else ""
+        print(f"titanlite: rank {rank} (pid {failure.pid}) was killed by {signal_name(-failure.exitcode)}{others}",
+              file=sys.stderr)
         return 128 - failure.exitcode
-    if failure.local_rank not in shown:
+    if failure.local_rank not in shown_local_ranks():
         message = failure.message if isinstance(failure.message, str) else ""
         if message.startswith("titanlite: "):  # the trainer's line, from report_to_launcher
             print(f"{message} (rank {rank})", file=sys.stderr)
@@ -127,19 +162,22 @@ def exit_code_of_failure(error) -> int:
     return failure.exitcode
 
 
-def run_torchrun(arguments: list[str]) -> int:
-    """torchrun in this process; returns the exit code (see the module docstring)."""
+def run_torchrun(arguments: list[str], stop_grace_s: float | None = None) -> int:
+    """torchrun in this process; returns the exit code (see the module docstring). stop_grace_s: how
+    long the ranks may take to stop after SIGTERM/SIGINT/SIGUSR1 (default: TITANLITE_STOP_GRACE_S)."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
     # torchrun's agent logs every failed worker at ERROR level; exit_code_of_failure reports it instead.
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
+    forward_stop_signals(stop_grace_seconds() if stop_grace_s is None else stop_grace_s)
+    os.environ["TITANLITE_LAUNCHER_PID"] = str(os.getpid())  # the ranks' parent: see job/exits.py die_with_launcher
     try:
         run(parse_args(arguments))
     except ChildFailedError as error:
         return exit_code_of_failure(error)
-    except SignalException as error:  # SIGTERM/SIGINT to the launcher: torchrun stopped the workers
+    except SignalException as error:  # a signal before the workers started, or SIGHUP/SIGQUIT: torchrun stopped them
         print(f"titanlite: stopped by signal {error.sigval.name}", file=sys.stderr)
         return 128 + int(error.sigval)
     return 0
@@ -159,6 +197,7 @@ def main(argv: list[str] | None = None) -> None:
         if nnodes.isdigit():  # an elastic range (MIN:MAX) leaves the world size to the rendezvous
             gradient_accumulation_steps(loaded.training, data_parallel_shape(loaded.parallelism, nproc * int(nnodes)))
         arguments = torchrun_arguments(nproc, worker)
+        stop_grace_s = stop_grace_seconds()
     except ConfigError as error:
         print(f"titanlite: config error: {error}", file=sys.stderr)
         sys.exit(2)
@@ -168,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     if nproc == 1 and os.environ.get("NNODES", "1") == "1" and not os.environ.get("RDZV_ENDPOINT"):
         os.execv(sys.executable, [sys.executable, *worker])  # one process: no torchrun needed
-    sys.exit(run_torchrun(arguments))
+    sys.exit(run_torchrun(arguments, stop_grace_s))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from titanlite.data.sources import build_rows, find_source
 from titanlite.data.tokenizer import (TokenizerError, build_tokenizer, default_tokenizer_warning)
 from titanlite.health.actions import roll_back, stop_for_health
 from titanlite.health.monitor import HealthMonitor, HealthStop
-from titanlite.job.exits import report_to_launcher
+from titanlite.job.exits import die_with_launcher, report_to_launcher
 from titanlite.job.folder import start_run_records
 from titanlite.job.lock import lock_dump_folder
 from titanlite.job.logs import init_logging
@@ -280,6 +280,10 @@ def train_in_folder(config: Config, device: torch.device, rank: int, control_gro
                     first.get("loss_window_mean", first["loss"]), last.get("loss_window_mean", last["loss"]),
                     first["step"], last["step"])
     metrics.close()
+    if dist.is_initialized():
+        # The training groups' threads live until exit (torch's DTensor caches keep the mesh): their
+        # last collective is one without tensors, which frees no tensor at shutdown (Checkpointer.close).
+        dist.barrier()
     return metrics.history
 
 
@@ -339,6 +343,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", default=None, help="TOML file, or a name in train_configs/")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and derived values")
     args, overrides = parser.parse_known_args(argv)
+    die_with_launcher()  # before any work: a rank must not outlive its launcher
     try:
         config = load_config(args.config, overrides)
         if args.print_config:

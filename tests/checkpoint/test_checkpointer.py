@@ -319,6 +319,42 @@ def checkpointer_for(config, states) -> Checkpointer:
     return Checkpointer(config.checkpoint, Path(config.job.dump_folder), states, run.to_dict(), run.layout)
 
 
+def gloo_worker_threads() -> int:
+    """This process's gloo worker threads (torch names them pt_gloo_runloop)."""
+    count = 0
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            count += (task / "comm").read_text().strip() == "pt_gloo_runloop"
+        except OSError:  # exited meanwhile
+            pass
+    return count
+
+
+def _save_close_and_count_gloo_threads(folder: str) -> list[tuple[int, int, int]]:
+    counts = []
+    for async_mode in ("disabled", "async"):
+        config = tiny_config(Path(folder) / async_mode, "--checkpoint.async_mode", async_mode)
+        states = build_states(config)
+        before = gloo_worker_threads()
+        checkpointer = checkpointer_for(config, states)
+        take_steps(states, 1)
+        checkpointer.save(1)
+        saving = gloo_worker_threads()
+        checkpointer.close()
+        counts.append((before, saving, gloo_worker_threads()))
+    return counts
+
+
+def test_close_ends_the_checkpoint_group_and_its_threads(tmp_path):
+    """A finished 2-process run aborted at exit (SIGABRT) when a gloo thread of the checkpoint's group
+    freed the last save's broadcast after interpreter shutdown had begun: close() joins those threads."""
+    per_rank = run_distributed(_save_close_and_count_gloo_threads, 2, str(tmp_path))
+    for before, saving, closed in per_rank[0] + per_rank[1]:  # sync, then async saves
+        if saving == before:
+            pytest.skip("this torch does not name its gloo threads pt_gloo_runloop")
+        assert closed == before < saving
+
+
 def test_retention_keeps_the_newest_and_clears_crash_leftovers(tmp_path):
     config = tiny_config(tmp_path, "--checkpoint.interval", "1", "--checkpoint.keep_latest_k", "2")
     states = build_states(config)

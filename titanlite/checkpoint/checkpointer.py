@@ -264,10 +264,25 @@ class Checkpointer:
         return self._in_flight is not None and not self._in_flight[1].done()
 
     def close(self) -> None:
+        """Finish the save in flight, then end what the saves ran on: the stager, then the gloo group
+        (after a barrier: no rank still sends on it). Collective; call it once, at the end of training.
+
+        A gloo group's worker thread frees each collective just after the caller saw it complete,
+        taking the GIL to release its tensors. If the interpreter is already shutting down by then
+        (the publishing broadcast of the last save is the last collective of a run), the thread
+        cannot take the GIL, exits, and the process aborts: "terminate called without an active
+        exception", SIGABRT, exit code 134 after `done`. dist.destroy_process_group() alone does
+        not stop the threads while the group object lives; dropping the last reference runs the
+        group's destructor, which joins them.
+        """
         self.wait()
         if self.stager is not None:
             self.stager.close()
             self.stager = None
+        if self.group is not None:
+            dist.barrier(group=self.group)
+            dist.destroy_process_group(self.group)
+            self.group = None  # the last reference: the destructor joins the group's threads
 
     # --- retention and discovery
     def complete_checkpoints(self, warn: bool = False) -> list[tuple[int, Path]]:
