@@ -12,7 +12,7 @@ import pytest
 from running import start, wait_for_step
 
 from titanlite.config.settings import ConfigError
-from titanlite.job.lock import DumpFolderLock, lock_dump_folder
+from titanlite.job.lock import lock_dump_folder
 
 
 HOLD = ("import sys, time\n"

@@ -50,6 +50,7 @@ class Watchdog:
         self.period = min(5.0, timeout_s / 20)
         self.step, self.progress_at, self.beats = first_step, time.monotonic(), 0
         self._stopped = threading.Event()
+        self._beat()  # at once: a rank that freezes before the first period still has a heartbeat to name it by
         self._thread = threading.Thread(target=self._run, name="titanlite-watchdog", daemon=True)
         self._thread.start()
 
