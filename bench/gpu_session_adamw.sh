@@ -16,15 +16,6 @@ cd "$(dirname "$0")/.."
 source bench/shapes.sh
 source bench/gpu_env.sh
 steps=20
-# torchtitan with titanlite's LR schedule (3e-4, warmup 5 steps from tt_seven_b, cosine to 0.1)
-TT_SCHEDULE=(--optimizer.lr 3e-4 --lr_scheduler.decay_type cosine --lr_scheduler.min_lr_factor 0.1)
-titanlite() { local name=$1 accumulation=$2; shift 2
-  timeout 150 bench/gpu_case.sh titanlite "$name" 1 $(seven_b 8) $(bench_steps 4 $steps "$accumulation") \
-    --compile.enable true "$@"; }
-torchtitan() { local name=$1 accumulation=$2; shift 2
-  timeout 150 bench/gpu_case.sh torchtitan "$name" 1 $(tt_seven_b 8) --training.local_batch_size 4 \
-    --training.global_batch_size $(( 4 * accumulation )) --training.steps $steps --metrics.log_freq 5 \
-    --compile.enable "${TT_SCHEDULE[@]}" "$@"; }
 NOAC=(--activation_checkpoint.mode none)
 SAC=(--activation_checkpoint.mode selective --activation_checkpoint.selective_blocks 0)
 COMPILED=(--optimizer.implementation compiled)

@@ -34,7 +34,8 @@ def cell(case: dict | None) -> str:
     if case is None:
         return "–"
     mfu = f" ({case['mfu_percent']:.1f}%)" if case.get("mfu_percent") else ""
-    return f"{case['tokens_per_second_per_gpu']:,.0f}{mfu}"
+    energy = f", {1000 * case['joules_per_token']:.1f} mJ/token" if case.get("joules_per_token") else ""
+    return f"{case['tokens_per_second_per_gpu']:,.0f}{mfu}{energy}"
 
 
 def memory(case: dict | None) -> str:
@@ -53,7 +54,7 @@ def table(cases: list[tuple[str, dict]]) -> str:
             sessions.setdefault(file, case["command"])
         rows.setdefault((file, case["name"]), {})[case["framework"]] = case
         commands.append(f"- `{file}` {case['framework']} `{case['name']}` ({case['ngpu']} GPU): `{case['args']}`")
-    lines = ["| results file | setting | GPUs | card | titanlite tokens/s/GPU (MFU) | torchtitan | ratio | "
+    lines = ["| results file | setting | GPUs | card | titanlite tokens/s/GPU (MFU), energy | torchtitan | ratio | "
              "titanlite memory GiB | torchtitan memory GiB |", "|---|---|---|---|---|---|---|---|---|"]
     for (file, name), pair in rows.items():
         ours, theirs = pair.get("titanlite"), pair.get("torchtitan")

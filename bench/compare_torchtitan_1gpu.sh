@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Issue 22 on one GPU (H100 or H200), 7B shape with 8 layers, seq 4096, micro-batch 4, A = 4, compile,
+# no AC, titanlite and torchtitan 0.2.2 on the same data (bench/tt_assets.py) and LR schedule:
+#   bench/compare_torchtitan_1gpu.sh speed   CUDA check of the chunked head + loss; bf16 titanlite (logits
+#                                            path, chunked path) and torchtitan, alternating; float8 rowwise
+#                                            titanlite and torchtitan
+#   bench/compare_torchtitan_1gpu.sh whole   the full 32-layer 7B (float8 rowwise, adamw8bit, selective
+#                                            AC), with `python -m titanlite.plan`'s estimate for it
+# One JSON line per case in $OUT/cases.jsonl (bench/gpu_case.sh); energy per token in each.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+source bench/shapes.sh
+source bench/gpu_env.sh
+export BENCH_SESSION="bench/compare_torchtitan_1gpu.sh ${1:-speed}:"
+steps=${STEPS:-15} case_timeout=130
+NOAC=(--activation_checkpoint.mode none)
+LOGITS=(--training.loss_chunk_tokens 0)
+TT_ROWWISE=(--model.converters quantize.linear.float8 --quantize.linear.float8.recipe_name rowwise)
+case ${1:-speed} in
+speed)
+  nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv
+  timeout 90 python3 bench/bench_head_loss.py --check | tee -a "$OUT/checks.txt"
+  python3 bench/tt_assets.py
+  titanlite 7b_l8_noac_a4_logits 4 "${NOAC[@]}" "${LOGITS[@]}"
+  torchtitan 7b_l8_noac_a4 4 --activation_checkpoint.mode none
+  titanlite 7b_l8_noac_a4_chunked 4 "${NOAC[@]}"
+  torchtitan 7b_l8_noac_a4_float8_rowwise 4 --activation_checkpoint.mode none "${TT_ROWWISE[@]}"
+  titanlite 7b_l8_noac_a4_float8_rowwise 4 "${NOAC[@]}" --float8.enable true --float8.recipe rowwise
+  ;;
+whole)
+  # Selective AC where the card has the memory for it (H200), else full AC (H100: plan 65 GiB against 98).
+  gib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1 | awk '{print $1 / 1024}')
+  ac=$(awk -v g="$gib" 'BEGIN {print (g > 110) ? "selective" : "full"}')
+  settings=($(seven_b 32) $(bench_steps 4 "$steps" 1) --compile.enable true --float8.enable true
+            --float8.recipe rowwise --optimizer.name adamw8bit --activation_checkpoint.mode "$ac")
+  python3 -m titanlite.plan --config 7b_4k --ngpu 1 --parallelism.tensor_parallel_degree 1 "${settings[@]}" \
+    --gpu-memory-gib "$gib" 2>&1 | tee "$OUT/plan_7b_l32_$ac.txt"
+  timeout 280 bench/gpu_case.sh titanlite "7b_l32_${ac}_float8_rowwise_adamw8bit" 1 "${settings[@]}"
+  ;;
+esac
