@@ -7,7 +7,7 @@ loss -> backward, on one GPU under autocast with fp32 weights (titanlite's singl
   titanlite: loss.cross_entropy_per_sample (per-sample sums, reduction='none'), compiled;
   sum:       F.cross_entropy(reduction='sum') over all tokens (torchtitan's), compiled;
   head_only: the head's forward and backward with a given gradient (no loss);
-  chunked:   loss.head_cross_entropy, the head and the loss 4,096 tokens at a time (no full logits).
+  chunked_N: loss.head_cross_entropy, the head and the loss N tokens at a time (no full logits).
 Prints one JSON line: milliseconds per micro-batch and peak allocated GiB for each (CUDA events, median
 of --iters). --check first compares the chunked loss and its gradients (hidden, head weight) with a
 float64 reference on fresh random inputs (CUDA: bf16 matmuls, the fp32 out_dtype accumulation).
@@ -65,6 +65,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=128256)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--check", action="store_true")
+    parser.add_argument("--chunk-tokens", default="4096", help="comma-separated chunk sizes to time")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -79,9 +80,9 @@ def main() -> None:
     per_sample, summed = torch.compile(cross_entropy_per_sample), torch.compile(summed_cross_entropy)
 
     def step(variant: str) -> None:
-        if variant == "chunked":
+        if variant.startswith("chunked"):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                total, _ = head_cross_entropy(norm(hidden), head.weight, labels, 4096)
+                total, _ = head_cross_entropy(norm(hidden), head.weight, labels, int(variant.split("_")[1]))
             (total / count).backward()
             return
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
@@ -95,7 +96,8 @@ def main() -> None:
 
     results = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
                "tokens": args.tokens, "dim": args.dim, "vocab": args.vocab}
-    for variant in ("titanlite", "sum", "head_only", "chunked"):
+    chunked = [f"chunked_{tokens}" for tokens in args.chunk_tokens.split(",")]
+    for variant in ("titanlite", "sum", "head_only", *chunked):
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         for _ in range(3):  # compile and warm up

@@ -4,6 +4,10 @@
 #   bench/compare_torchtitan_1gpu.sh speed   CUDA check of the chunked head + loss; bf16 titanlite (logits
 #                                            path, chunked path) and torchtitan, alternating; float8 rowwise
 #                                            titanlite and torchtitan
+#   bench/compare_torchtitan_1gpu.sh again   the head + loss alone at chunk sizes 2048-16384, then the bf16
+#                                            cases in the other order (torchtitan, titanlite at the fastest
+#                                            chunk size, titanlite's logits path)
+#   bench/compare_torchtitan_1gpu.sh tt030   whether torchtitan 0.3.0 (.whl/tt030/) imports on this torch
 #   bench/compare_torchtitan_1gpu.sh whole   the full 32-layer 7B (float8 rowwise, adamw8bit, selective
 #                                            AC), with `python -m titanlite.plan`'s estimate for it
 # One JSON line per case in $OUT/cases.jsonl (bench/gpu_case.sh); energy per token in each.
@@ -26,6 +30,20 @@ speed)
   titanlite 7b_l8_noac_a4_chunked 4 "${NOAC[@]}"
   torchtitan 7b_l8_noac_a4_float8_rowwise 4 --activation_checkpoint.mode none "${TT_ROWWISE[@]}"
   titanlite 7b_l8_noac_a4_float8_rowwise 4 "${NOAC[@]}" --float8.enable true --float8.recipe rowwise
+  ;;
+again)
+  timeout 150 python3 bench/bench_head_loss.py --chunk-tokens 2048,4096,8192,16384 | tee "$OUT/head_loss.json"
+  best=$(python3 -c "import json, sys; r = json.load(open(sys.argv[1])); print(min((v, k.split('_')[1]) for k, v in
+    r.items() if k.startswith('chunked_') and k.endswith('_ms'))[1])" "$OUT/head_loss.json" || echo 4096)
+  [[ -d .tt/tests/assets/c4_test ]] || python3 bench/tt_assets.py
+  torchtitan 7b_l8_noac_a4 4 --activation_checkpoint.mode none
+  titanlite "7b_l8_noac_a4_chunked$best" 4 "${NOAC[@]}" --training.loss_chunk_tokens "$best"
+  titanlite 7b_l8_noac_a4_logits 4 "${NOAC[@]}" "${LOGITS[@]}"
+  ;;
+tt030)
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site030 .whl/tt030/*.whl > /tmp/pip030.log 2>&1
+  PYTHONPATH=/tmp/site030:$PYTHONPATH timeout 60 python3 -c "import torch, torchtitan.train as t;
+print('torchtitan 0.3.0 imports on torch', torch.__version__, t.__file__)" 2>&1 | tail -3 | tee "$OUT/tt030.txt"
   ;;
 whole)
   # Selective AC where the card has the memory for it (H200), else full AC (H100: plan 65 GiB against 98).
