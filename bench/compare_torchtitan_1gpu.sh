@@ -9,7 +9,10 @@
 #                                            chunk size, titanlite's logits path)
 #   bench/compare_torchtitan_1gpu.sh tt030   whether torchtitan 0.3.0 (.whl/tt030/) imports on this torch
 #   bench/compare_torchtitan_1gpu.sh whole   the full 32-layer 7B (float8 rowwise, adamw8bit, selective
-#                                            AC), with `python -m titanlite.plan`'s estimate for it
+#                                            AC on an H200, full AC on an H100), with `python -m titanlite.plan`'s
+#                                            estimate for it
+#   bench/compare_torchtitan_1gpu.sh thirteen  the 40-layer 13B on one H200 (float8 rowwise, adamw8bit, full
+#                                            AC; plan: 118 GiB), with plan's estimate
 # One JSON line per case in $OUT/cases.jsonl (bench/gpu_case.sh); energy per token in each.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -54,5 +57,12 @@ whole)
   python3 -m titanlite.plan --config 7b_4k --ngpu 1 --parallelism.tensor_parallel_degree 1 "${settings[@]}" \
     --gpu-memory-gib "$gib" 2>&1 | tee "$OUT/plan_7b_l32_$ac.txt"
   timeout 280 bench/gpu_case.sh titanlite "7b_l32_${ac}_float8_rowwise_adamw8bit" 1 "${settings[@]}"
+  ;;
+thirteen)
+  settings=($(thirteen_b 40) $(bench_steps 4 "$steps" 1) --compile.enable true --float8.enable true
+            --float8.recipe rowwise --optimizer.name adamw8bit --activation_checkpoint.mode full)
+  python3 -m titanlite.plan --config 7b_4k --ngpu 1 --parallelism.tensor_parallel_degree 1 "${settings[@]}" \
+    --gpu-memory-gib 140 2>&1 | tee "$OUT/plan_13b_l40_full.txt"
+  timeout 330 bench/gpu_case.sh titanlite 13b_l40_full_float8_rowwise_adamw8bit 1 "${settings[@]}"
   ;;
 esac
