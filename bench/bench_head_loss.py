@@ -119,7 +119,25 @@ def main() -> None:
         results[f"{variant}_ms"] = round(statistics.median(times), 3)
         if cuda:
             results[f"{variant}_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    if cuda:  # d/d weight of one 4,096-token chunk summed into fp32: in cuBLAS (beta = 1), or a product then add_
+        a = torch.randn(args.vocab, 4096, device=device, dtype=dtype)
+        b = torch.randn(4096, args.dim, device=device, dtype=dtype)
+        acc = torch.zeros(args.vocab, args.dim, device=device)
+        for name, accumulate in (("addmm_out_dtype", lambda: torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)),
+                                 ("mm_then_add", lambda: acc.add_(torch.mm(a, b, out_dtype=acc.dtype))),
+                                 ("mm_bf16", lambda: torch.mm(a, b))):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            results[f"accumulate_{name}_ms"] = round(triton_median(accumulate), 3)
+            results[f"accumulate_{name}_extra_gib"] = round((torch.cuda.max_memory_allocated() - base) / 2**30, 2)
     print(json.dumps(results))
+
+
+def triton_median(fn) -> float:
+    """Median milliseconds of fn (CUDA events, after warm-up)."""
+    from triton.testing import do_bench
+    return do_bench(fn, warmup=50, rep=200, return_mode="median")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@
 #   bench/compare_torchtitan_1gpu.sh whole   the full 32-layer 7B (float8 rowwise, adamw8bit, selective
 #                                            AC on an H200, full AC on an H100), with `python -m titanlite.plan`'s
 #                                            estimate for it
+#   bench/compare_torchtitan_1gpu.sh profile  one profiled step of titanlite bf16 and float8 rowwise (no AC,
+#                                            A = 4), kernel time by group (bench/trace_summary.py)
 #   bench/compare_torchtitan_1gpu.sh thirteen  the 40-layer 13B on one H200 (float8 rowwise, adamw8bit, full
 #                                            AC; plan: 118 GiB), with plan's estimate
 # One JSON line per case in $OUT/cases.jsonl (bench/gpu_case.sh); energy per token in each.
@@ -57,6 +59,16 @@ whole)
   python3 -m titanlite.plan --config 7b_4k --ngpu 1 --parallelism.tensor_parallel_degree 1 "${settings[@]}" \
     --gpu-memory-gib "$gib" 2>&1 | tee "$OUT/plan_7b_l32_$ac.txt"
   timeout 280 bench/gpu_case.sh titanlite "7b_l32_${ac}_float8_rowwise_adamw8bit" 1 "${settings[@]}"
+  ;;
+profile)
+  steps=12
+  profiling=(--profiling.enable_profiling true --profiling.profile_freq 10 --profiling.profile_warmup 2
+             --profiling.profile_active 1)
+  titanlite profile_bf16 4 "${NOAC[@]}" "${profiling[@]}"
+  titanlite profile_float8_rowwise 4 "${NOAC[@]}" --float8.enable true --float8.recipe rowwise "${profiling[@]}"
+  python3 bench/trace_summary.py $(for name in bf16 float8_rowwise; do
+    echo "$name=$(ls /tmp/runs/profile_$name/profile_traces/*/rank0_trace.json | tail -1)"; done) --top 30 \
+    --json "$OUT/profile.json" | tee "$OUT/profile.txt"
   ;;
 thirteen)
   settings=($(thirteen_b 40) $(bench_steps 4 "$steps" 1) --compile.enable true --float8.enable true

@@ -56,7 +56,16 @@ def table(cases: list[tuple[str, dict]]) -> str:
         commands.append(f"- `{file}` {case['framework']} `{case['name']}` ({case['ngpu']} GPU): `{case['args']}`")
     lines = ["| results file | setting | GPUs | card | titanlite tokens/s/GPU (MFU), energy | torchtitan | ratio | "
              "titanlite memory GiB | torchtitan memory GiB |", "|---|---|---|---|---|---|---|---|---|"]
+    # A titanlite variant (NAME_logits, NAME_chunked) stands beside torchtitan's NAME of the same file.
     for (file, name), pair in rows.items():
+        partner = [key for key in rows if key[0] == file and name.startswith(key[1] + "_") and
+                   set(rows[key]) == {"torchtitan"}]
+        if "torchtitan" not in pair and partner:
+            pair["torchtitan"] = rows[partner[0]]["torchtitan"]
+            rows[partner[0]]["paired"] = True
+    for (file, name), pair in rows.items():
+        if pair.pop("paired", False):
+            continue
         ours, theirs = pair.get("titanlite"), pair.get("torchtitan")
         any_case = ours or theirs
         ratio = (f"{ours['tokens_per_second_per_gpu'] / theirs['tokens_per_second_per_gpu']:.3f}×"

@@ -143,6 +143,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
                     torch.mm(grad_logits, w, out=grad_hidden[start:end])
                 if want_weight:
                     grad_weight = _accumulate_matmul(grad_weight, grad_logits.t(), h[start:end], grad_dtype)
+                del grad_logits  # before the next chunk's logits: one chunk's gradient alive, not two
         ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
         ctx.grads = (grad_hidden, grad_weight)
         ctx.mark_non_differentiable(losses)
