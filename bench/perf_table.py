@@ -59,7 +59,7 @@ def table(cases: list[tuple[str, dict]]) -> str:
     # A titanlite variant (NAME_logits, NAME_chunked) stands beside torchtitan's NAME of the same file.
     for (file, name), pair in rows.items():
         partner = [key for key in rows if key[0] == file and name.startswith(key[1] + "_") and
-                   set(rows[key]) == {"torchtitan"}]
+                   "torchtitan" in rows[key] and "titanlite" not in rows[key]]
         if "torchtitan" not in pair and partner:
             pair["torchtitan"] = rows[partner[0]]["torchtitan"]
             rows[partner[0]]["paired"] = True

@@ -77,6 +77,22 @@ def test_activation_and_logit_terms_scale_as_they_must():
     assert full.activations < selective.activations < no_ac.activations
 
 
+def test_chunked_head_term_is_one_chunk_and_the_head_gradient():
+    # Measured (bench_head_loss.py, H200, 2026-12-05): 4 B per logit of a chunk (its bf16 logits and their
+    # gradient), plus the head's fp32 weight gradient and its bf16 copy; the whole 7B and 13B on one GPU
+    # (bench/results/2026-12-05_*) peaked within 2.2% of the plan.
+    one_gpu = Layout(replicate=1, shard=1, tensor=1)
+    flags = ["--parallelism.tensor_parallel_degree", "1", "--compile.enable", "true"]
+    tokens, vocab, dim = 4 * 4096, 128_256, 4096
+    chunked = estimate_memory(load_config("7b_4k.toml", flags), one_gpu)
+    assert chunked.logits_and_loss == pytest.approx(4 * 4096 * vocab + (4 + 2) * vocab * dim)
+    logits = estimate_memory(load_config("7b_4k.toml", flags + ["--training.loss_chunk_tokens", "0"]), one_gpu)
+    assert logits.logits_and_loss == pytest.approx(6 * tokens * vocab)  # compiled loss: bf16 logits + their grad
+    assert chunked.peak < logits.peak
+    tp = estimate_memory(load_config("7b_4k.toml"), Layout(replicate=1, shard=8, tensor=8))  # TP: the logits path
+    assert tp.logits_and_loss == pytest.approx(12 * tokens * vocab / 8)
+
+
 def test_lr_warnings_fire_on_the_seeds_gotcha():
     high = plan(load_config("13b_4k.toml", ["--optimizer.lr", "3e-4"]), 64)["warnings"]
     assert any("optimizer.lr=0.0003 is high" in w for w in high)
