@@ -7,6 +7,7 @@
 #   bench/compare_torchtitan_1gpu.sh again   the head + loss alone at chunk sizes 2048-16384, then the bf16
 #                                            cases in the other order (torchtitan, titanlite at the fastest
 #                                            chunk size, titanlite's logits path)
+#   bench/compare_torchtitan_1gpu.sh chunked  titanlite bf16 alone: chunked head (4,096) then the logits path
 #   bench/compare_torchtitan_1gpu.sh tt030   whether torchtitan 0.3.0 (.whl/tt030/) imports on this torch
 #   bench/compare_torchtitan_1gpu.sh whole   the full 32-layer 7B (float8 rowwise, adamw8bit, selective
 #                                            AC on an H200, full AC on an H100), with `python -m titanlite.plan`'s
@@ -43,6 +44,10 @@ again)
   [[ -d .tt/tests/assets/c4_test ]] || python3 bench/tt_assets.py
   torchtitan 7b_l8_noac_a4 4 --activation_checkpoint.mode none
   titanlite "7b_l8_noac_a4_chunked$best" 4 "${NOAC[@]}" --training.loss_chunk_tokens "$best"
+  titanlite 7b_l8_noac_a4_logits 4 "${NOAC[@]}" "${LOGITS[@]}"
+  ;;
+chunked)
+  titanlite 7b_l8_noac_a4_chunked 4 "${NOAC[@]}"
   titanlite 7b_l8_noac_a4_logits 4 "${NOAC[@]}" "${LOGITS[@]}"
   ;;
 tt030)
