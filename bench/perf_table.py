@@ -20,6 +20,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 from steady_state import COMPARED_MEMORY  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
+# The output head's variants (NAME_logits, NAME_chunked...) ran beside one torchtitan case NAME; other
+# suffixes name other settings, compared with nothing.
+HEAD_VARIANTS = ("_logits", "_chunked")
 BEGIN, END = "<!-- PERF-TABLE:BEGIN -->", "<!-- PERF-TABLE:END -->"
 
 
@@ -44,7 +47,8 @@ def cell(case: dict | None) -> str:
     if case is None:
         return "–"
     mfu = f" ({case['mfu_percent']:.1f}%)" if case.get("mfu_percent") else ""
-    return f"{case['tokens_per_second_per_gpu']:,.0f}{mfu}"
+    energy = f", {1000 * case['joules_per_token']:.1f} mJ/token" if case.get("joules_per_token") else ""
+    return f"{case['tokens_per_second_per_gpu']:,.0f}{mfu}{energy}"
 
 
 def memory(case: dict | None) -> str:
@@ -62,9 +66,17 @@ def table(cases: list[tuple[str, dict]]) -> str:
             sessions.setdefault(file, case["command"])
         rows.setdefault((file, case["name"]), {})[case["framework"]] = case
         commands.append(f"- `{file}` {case['framework']} `{case['name']}` ({case['ngpu']} GPU): `{case['args']}`")
-    lines = ["| results file | setting | GPUs | card | titanlite tokens/s/GPU (MFU) | torchtitan | ratio | "
+    lines = ["| results file | setting | GPUs | card | titanlite tokens/s/GPU (MFU), energy | torchtitan | ratio | "
              "titanlite peak GiB reserved (allocated) | torchtitan peak GiB reserved |", "|---|---|---|---|---|---|---|---|---|"]
     for (file, name), pair in rows.items():
+        partner = [key for key in rows if key[0] == file and name.startswith(tuple(key[1] + suffix for suffix in HEAD_VARIANTS)) and
+                   "torchtitan" in rows[key] and "titanlite" not in rows[key]]
+        if "torchtitan" not in pair and partner:
+            pair["torchtitan"] = rows[partner[0]]["torchtitan"]
+            rows[partner[0]]["paired"] = True
+    for (file, name), pair in rows.items():
+        if pair.pop("paired", False):
+            continue
         ours, theirs = pair.get("titanlite"), pair.get("torchtitan")
         any_case = ours or theirs
         ratio = (f"{ours['tokens_per_second_per_gpu'] / theirs['tokens_per_second_per_gpu']:.3f}×"

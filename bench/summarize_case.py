@@ -13,7 +13,8 @@ from steady_state import summarize_steps, titanlite_steps  # warm-up and peak me
 framework, name, ngpu, rc, wall, log_path, metrics_path, args = sys.argv[1:9]
 record = {"framework": framework, "name": name, "ngpu": int(ngpu), "returncode": int(rc), "wall_s": int(wall),
           "args": args, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-          "torch": torch.__version__, "date": datetime.date.today().isoformat()}
+          "torch": torch.__version__, "date": datetime.date.today().isoformat(),
+          "command": " ".join(filter(None, [os.environ.get("BENCH_SESSION"), f"bench/gpu_case.sh {framework} {name} {ngpu} {args}"]))}
 log = re.sub(r"\x1b\[[0-9;]*m", "", open(log_path, errors="replace").read())
 if framework == "titanlite" and metrics_path:
     try:
@@ -48,6 +49,9 @@ if len(samples) >= 4:
     record.update(sm_clock_mhz=statistics.median(s[0] for s in training),
                   power_w=statistics.median(s[1] for s in training),
                   temperature_c=statistics.median(s[2] for s in training))
+    # Energy per token of GPU 0: its mean power while training over its tokens per second.
+    if record.get("tokens_per_second_per_gpu"):
+        record["joules_per_token"] = statistics.mean(s[1] for s in training) / record["tokens_per_second_per_gpu"]
 if int(rc) != 0:
     record["log_tail"] = log[-3000:]
 print(json.dumps(record))

@@ -39,7 +39,7 @@ from titanlite.metrics.logger import MetricLogger, format_duration, peak_flops_p
 from titanlite.metrics.profiling import OutOfMemory, TrainingProfiler, available_memory, report_oom
 from titanlite.metrics.validation import Validator, build_validation_rows
 from titanlite.model.attention import choose_attention_head_dim
-from titanlite.model.loss import (batch_sample_losses, cross_entropy_per_sample, valid_tokens_per_sample)
+from titanlite.model.loss import ChunkedHeadLoss, batch_losses, cross_entropy_per_sample, valid_tokens_per_sample
 from titanlite.model.size import count_parameters, flops_per_token
 from titanlite.model.transformer import build_model
 from titanlite.optim.optimizer import build_optimizer
@@ -71,9 +71,9 @@ def train_step(model, optimizer, micro_batches: list[dict], global_valid_tokens:
     per_sample = []
     for batch in micro_batches:
         with loss_context():
-            # The logits, the largest activation, are gone once batch_sample_losses returns: freed before the backward.
-            sample_losses = batch_sample_losses(model, batch, autocast, loss_fn)
-            loss = sample_losses.sum() / global_valid_tokens
+            # The logits, the largest activation, are gone once batch_losses returns: freed before the backward.
+            summed, sample_losses = batch_losses(model, batch, autocast, loss_fn)
+            loss = summed / global_valid_tokens
             loss.backward()
         local_loss += loss.detach()
         per_sample.append(sample_losses.detach())
@@ -168,7 +168,9 @@ def train_in_folder(config: Config, device: torch.device, rank: int, control_gro
                 param_dtype=dtype, float8_all_gather=run.float8_all_gather)
     # Same initial weights for every layout: each rank draws one full parameter at a time, keeps its shard.
     init_weights_layout_independent(model, device, train_settings.seed, config.parallelism.fsdp_cpu_offload)
-    loss_fn = compile_loss(cross_entropy_per_sample, config.compile.enable, layout.tp_enabled)
+    # The chunked head + loss needs the head's whole weight: under TP (a vocab-sharded DTensor) the logits path.
+    loss_fn = (ChunkedHeadLoss(train_settings.loss_chunk_tokens) if train_settings.loss_chunk_tokens and not
+               layout.tp_enabled else compile_loss(cross_entropy_per_sample, config.compile.enable, layout.tp_enabled))
     loss_scope = loss_context(layout.tp_enabled)
     # FSDP casts parameters itself; without FSDP, autocast does it per matmul.
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if dtype == torch.bfloat16 and not layout.fsdp_enabled

@@ -128,6 +128,9 @@ class Training:
     total_tokens: int = setting(0, "training budget in tokens; total steps derive from it", ge=0)
     steps: int = setting(0, "if > 0, overrides the steps derived from total_tokens", ge=0)
     grad_clip: float = setting(1.0, "max global grad norm; 0 disables clipping", ge=0)
+    loss_chunk_tokens: int = setting(4096, "the output head and the loss run this many tokens at a time, never "
+                                           "building the whole micro-batch's logits; 0: whole logits, then the "
+                                           "loss (always so under tensor parallelism)", ge=0)
     mixed_precision: str = setting("bf16", "bf16 applies on CUDA only", choices=("bf16", "fp32"))
     device: str = setting("auto", "auto: CUDA if visible", choices=("auto", "cpu", "cuda"))
 

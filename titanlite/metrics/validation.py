@@ -32,7 +32,7 @@ from titanlite.data.order import GlobalOrder
 from titanlite.data.packing import pack_texts
 from titanlite.data.sources import InMemoryRows, build_rows, find_source
 from titanlite.data.tokenizer import Tokenizer
-from titanlite.model.loss import batch_sample_losses, valid_tokens_per_sample
+from titanlite.model.loss import batch_losses, valid_tokens_per_sample
 
 logger = logging.getLogger("titanlite")
 
@@ -98,8 +98,8 @@ class Validator:
         for _ in range(self.micro_steps):
             batch = {key: value.to(device, non_blocking=True) for key, value in next(batches).items()}
             with loss_context():
-                sample_losses = batch_sample_losses(model, batch, autocast, loss_fn)
-            summed[0] += sample_losses.double().sum()
+                summed_losses, _ = batch_losses(model, batch, autocast, loss_fn)
+            summed[0] += summed_losses.double()
             summed[1] += valid_tokens_per_sample(batch["labels"]).sum()
         if self.reduce_group is not None:
             dist.all_reduce(summed, group=self.reduce_group)

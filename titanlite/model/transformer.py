@@ -24,6 +24,7 @@ from torch import nn
 
 from titanlite.config.settings import Model as ModelConfig
 from titanlite.model.attention import build_attention
+from titanlite.model.loss import head_cross_entropy
 from titanlite.model.rope import attention_softmax_scale, rope_tables
 
 
@@ -101,6 +102,20 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
+class OutputHead(nn.Linear):
+    """The untied output projection (an nn.Linear: TP, FSDP and checkpoints see `output.weight`).
+
+    Given labels it returns the loss instead of the logits, computed `chunk_tokens` at a time
+    (loss.head_cross_entropy), so the logits of the whole micro-batch never exist. It runs inside
+    this module's forward so that FSDP's hooks gather and reduce its weight as for the logits.
+    """
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, chunk_tokens: int = 0):
+        if labels is None:
+            return super().forward(x)
+        return head_cross_entropy(x, self.weight, labels, chunk_tokens)
+
+
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig, max_seq_len: int):
         super().__init__()
@@ -110,7 +125,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleDict({str(i): TransformerBlock(config) for i in range(config.n_layers)})
         self.norm = RMSNorm(config.dim, config.norm_eps)
-        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.output = OutputHead(config.dim, config.vocab_size, bias=False)
         # Not persistent: rebuilt from the config, so checkpoints hold only learned weights.
         self.register_buffer("rope_cos", torch.empty(max_seq_len, config.dim // config.n_heads // 2), persistent=False)
         self.register_buffer("rope_sin", torch.empty_like(self.rope_cos), persistent=False)
@@ -159,8 +174,10 @@ class Transformer(nn.Module):
             plan += [(block + "attention_norm.weight", nn.init.ones_), (block + "ffn_norm.weight", nn.init.ones_)]
         return plan + [("norm.weight", nn.init.ones_), ("output.weight", truncated(config.dim ** -0.5))]
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, mask=None) -> torch.Tensor:
-        """tokens (batch, seq) int64 -> logits (batch, seq, vocab).
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, mask=None,
+                labels: torch.Tensor | None = None, loss_chunk_tokens: int = 4096):
+        """tokens (batch, seq) int64 -> logits (batch, seq, vocab); with labels (batch, seq): the loss
+        instead, (summed token losses, per-sample sums (batch,)), `loss_chunk_tokens` tokens at a time.
 
         positions (batch, seq): RoPE position of each token (restarting per document if the data
         says so); None = 0..seq-1. mask: a FlexAttention BlockMask (attention.document_mask) shared
@@ -174,7 +191,9 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens)
         for block in self.layers.values():
             h = block(h, cos, sin, mask)
-        return self.output(self.norm(h))
+        if labels is None:
+            return self.output(self.norm(h))
+        return self.output(self.norm(h), labels, loss_chunk_tokens)
 
 
 def build_model(config: ModelConfig, max_seq_len: int, device: torch.device | str = "meta") -> Transformer:

@@ -11,7 +11,9 @@ buffers or allocator fragmentation, which `headroom_gib` stands for):
     forward to backward; without FSDP, autocast's bf16 weight copies saved for the backward;
   - activations saved per block (`_block_bytes_per_token`), by AC mode, for the micro-batch;
   - logits and loss: the fp32 upcast, log-softmax output and its gradient, 12 B per logit
-    (vocabulary sharded over TP by loss_parallel); 6 B with the compiled loss (no TP);
+    (vocabulary sharded over TP by loss_parallel); 6 B with the compiled loss (no TP); with the
+    chunked head (training.loss_chunk_tokens, no TP): one chunk's 4 B per logit plus the head's
+    fp32 weight gradient (and its bf16 copy without FSDP);
   - the backward of one block: its recomputed activations (AC) and gradient temporaries.
   - float8 (`float8.enable`) changes one term: with float8 all-gather FSDP gathers the block weights
     in 1 byte instead of 2. Activations are estimated as for bf16 (not measured with float8); the
@@ -154,8 +156,15 @@ def estimate_memory(config: Config, layout: Layout, grad_accum_steps: int = 1) -
     # Eager: fp32 upcast + log-softmax + its gradient, 12 B per logit. The compiled loss (compile
     # without TP) fuses those away and keeps the bf16 logits and their bf16 gradient: 6 B, which
     # took the estimate of the compiled configurations from 13-16% over to within 1% on an H100.
-    bytes_per_logit = 6.0 if config.compile.enable and tp == 1 else 12.0
-    logits = bytes_per_logit * tokens * config.model.vocab_size / tp
+    vocab = config.model.vocab_size
+    if config.training.loss_chunk_tokens and tp == 1:
+        # The chunked head + loss (model/loss.py): one chunk's bf16 logits and their bf16 gradient, the
+        # head's fp32 weight gradient from its forward to its backward, and (no FSDP) its bf16 weight copy.
+        chunk = min(config.training.loss_chunk_tokens, tokens)
+        logits = 4.0 * chunk * vocab + (4.0 + (0.0 if fsdp else 2.0)) * vocab * config.model.dim
+    else:
+        bytes_per_logit = 6.0 if config.compile.enable and tp == 1 else 12.0
+        logits = bytes_per_logit * tokens * vocab / tp
     one_block = tokens * _block_bytes_per_token(config, tp, "none")
     transient = (one_block if mode != "none" else 0.0) + tokens * 4 * config.model.intermediate_size / tp
     if mode == "full" and not fsdp:
