@@ -6,7 +6,8 @@ steps and which peak). The older `.json` files hold the same records as a list u
 a "purpose" line. Cases of the same name in the same file ran in the same device call, side by
 side: the ratio is titanlite over torchtitan within one file.
     python bench/perf_table.py            # print
-    python bench/perf_table.py --write    # refresh docs/performance.md between the PERF-TABLE markers
+    python bench/perf_table.py --write    # refresh README.md's and docs/performance.md's tables (between
+                                          # the SPEED-TABLE and PERF-TABLE markers)
 """
 
 from __future__ import annotations
@@ -43,12 +44,22 @@ def read_cases(folder: Path = RESULTS) -> list[tuple[str, dict]]:
     return cases
 
 
-def cell(case: dict | None) -> str:
+def cell(case: dict | None, with_energy: bool = True) -> str:
     if case is None:
         return "–"
     mfu = f" ({case['mfu_percent']:.1f}%)" if case.get("mfu_percent") else ""
-    energy = f", {1000 * case['joules_per_token']:.1f} mJ/token" if case.get("joules_per_token") else ""
-    return f"{case['tokens_per_second_per_gpu']:,.0f}{mfu}{energy}"
+    joules = f", {energy(case)} mJ/token" if with_energy and energy(case) != "–" else ""
+    return f"{case['tokens_per_second_per_gpu']:,.0f}{mfu}{joules}"
+
+
+def energy(case: dict | None) -> str:
+    """Millijoules per token of GPU 0: its mean power while training over its tokens/s. Cases before
+    2026-12-05 kept only the median power: their figure is marked ≈."""
+    if case and case.get("joules_per_token"):
+        return f"{1000 * case['joules_per_token']:.1f}"
+    if case and case.get("power_w"):
+        return f"≈{1000 * case['power_w'] / case['tokens_per_second_per_gpu']:.1f}"
+    return "–"
 
 
 def memory(case: dict | None) -> str:
@@ -88,14 +99,67 @@ def table(cases: list[tuple[str, dict]]) -> str:
             "\nEach case's arguments (to `bench/gpu_case.sh FRAMEWORK NAME NGPU ...`):\n\n" + "\n".join(commands) + "\n")
 
 
-def doc_with_table(readme: str, cases: list[tuple[str, dict]]) -> str:
-    start, end = readme.index(BEGIN) + len(BEGIN), readme.index(END)
-    return readme[:start] + "\n" + table(cases) + readme[end:]
+# Where titanlite stands: the side-by-side runs a reader asks about first, (results file, case name, setting).
+HEADLINES = [
+    ("2026-12-05_chunked_loss_float8_rowwise_same_data_h100.jsonl", "7b_l8_noac_a4_chunked",
+     "8 layers, bf16, no AC, A = 4 (both frameworks' fastest bf16)"),
+    ("2026-12-05_chunked_loss_reversed_whole_7b_h100.jsonl", "7b_l8_noac_a4_logits",
+     "the same, torchtitan first, whole logits"),
+    ("2026-11-30_same_data_1xh200.jsonl", "7b_l8_sac_a4_same_data", "8 layers, bf16, selective AC, A = 4"),
+    ("2026-12-05_chunked_loss_float8_rowwise_same_data_h100.jsonl", "7b_l8_noac_a4_float8_rowwise",
+     "8 layers, float8 rowwise (both), no AC, A = 4"),
+    ("2026-11-30_own_data_float8_1xh200.jsonl", "7b_l8_sac_float8",
+     "8 layers, float8 tensorwise (both), selective AC, A = 1, each on its own data"),
+    ("2026-11-30_same_data_noac_2xh200.jsonl", "7b_fsdp2_noac_same_data", "32 layers, FSDP 2, bf16, no AC"),
+    ("2026-11-30_same_data_2xh200.jsonl", "7b_fsdp2_sac_same_data", "32 layers, FSDP 2, bf16, selective AC"),
+    ("2026-12-05_chunked_loss_reversed_whole_7b_h100.jsonl", "7b_l32_full_float8_rowwise_adamw8bit",
+     "the whole 7B (32 layers) on one GPU: float8 rowwise, 8-bit AdamW, full AC"),
+    ("2026-12-05_13b_and_profile_h200.jsonl", "13b_l40_full_float8_rowwise_adamw8bit",
+     "the whole 13B (40 layers) on one GPU: float8 rowwise, 8-bit AdamW, full AC"),
+]
+SPEED_BEGIN, SPEED_END = "<!-- SPEED-TABLE:BEGIN -->", "<!-- SPEED-TABLE:END -->"
+GENERATED = [ROOT / "README.md", ROOT / "docs" / "performance.md"]
+
+
+def card(case: dict) -> str:
+    name = case["gpu"].removeprefix("NVIDIA ").split()[0]
+    return f"{case['ngpu']}×{name}"
+
+
+def headline_table(cases: list[tuple[str, dict]]) -> str:
+    """The 7B shape (13B where named), the same data and LR schedule on both sides unless the row says
+    otherwise; tokens/s per GPU (MFU); the ratio within one device call."""
+    found = {(file, case["name"], case["framework"]): case for file, case in cases}
+    lines = ["| setting | GPUs | titanlite tokens/s/GPU (MFU) | torchtitan 0.2.2 | ratio | mJ/token, titanlite / "
+             "torchtitan | titanlite peak GiB allocated |", "|---|---|---|---|---|---|---|"]
+    for file, name, setting in HEADLINES:
+        ours = found[(file, name, "titanlite")]
+        theirs = found.get((file, name, "torchtitan")) or next(
+            (found[(file, name.removesuffix(suffix), "torchtitan")] for suffix in ("_logits", "_chunked")
+             if (file, name.removesuffix(suffix), "torchtitan") in found), None)
+        ratio = f"{ours['tokens_per_second_per_gpu'] / theirs['tokens_per_second_per_gpu']:.2f}×" if theirs else "–"
+        lines.append(f"| {setting} | {card(ours)} | {cell(ours, False)} | {cell(theirs, False)} | "
+                     f"{ratio} | {energy(ours)} / {energy(theirs)} | {ours['peak_allocated_gib']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def replace_between(text: str, begin: str, end: str, body: str) -> str:
+    start, stop = text.index(begin) + len(begin), text.index(end)
+    return text[:start] + "\n" + body + text[stop:]
+
+
+def doc_with_table(doc: str, cases: list[tuple[str, dict]]) -> str:
+    """A document with the generated tables between their markers (those it has)."""
+    if SPEED_BEGIN in doc:
+        doc = replace_between(doc, SPEED_BEGIN, SPEED_END, headline_table(cases))
+    if BEGIN in doc:
+        doc = replace_between(doc, BEGIN, END, table(cases))
+    return doc
 
 
 if __name__ == "__main__":
     if "--write" in sys.argv:
-        path = ROOT / "docs/performance.md"
-        path.write_text(doc_with_table(path.read_text(), read_cases()))
+        for path in GENERATED:
+            path.write_text(doc_with_table(path.read_text(), read_cases()))
     else:
         print(table(read_cases()))

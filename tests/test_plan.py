@@ -223,5 +223,14 @@ def test_performance_table_is_generated_from_the_results():
     spec.loader.exec_module(module)
     cases = module.read_cases()
     assert any(case["framework"] == "torchtitan" for _, case in cases)  # side by side, not titanlite alone
-    doc = (root / "docs" / "performance.md").read_text()
-    assert module.doc_with_table(doc, cases) == doc, "run: python bench/perf_table.py --write"
+    for path in module.GENERATED:
+        doc = path.read_text()
+        assert module.SPEED_BEGIN in doc, path
+        assert module.doc_with_table(doc, cases) == doc, f"{path.name} is stale: run python bench/perf_table.py --write"
+    # Every headline row names a case that is there, and the bf16 bar's row is side by side.
+    headline = module.headline_table(cases)
+    assert headline.count("\n") == len(module.HEADLINES) + 2
+    file, name, _ = module.HEADLINES[0]  # titanlite's chunked head beside torchtitan's case of the same call
+    theirs = next(case for f, case in cases if f == file and case["framework"] == "torchtitan"
+                  and name.startswith(case["name"]))
+    assert f"| {theirs['tokens_per_second_per_gpu']:,.0f} (" in headline.splitlines()[2]

@@ -191,7 +191,8 @@ class HealthMonitor:
 
     # --- fault injection (tests only)
     def install_fault_injection(self, model: torch.nn.Module) -> None:
-        """TESTING AID: with health.inject_nan_at_step = k, the model output of step k is NaN, once."""
+        """TESTING AID: with health.inject_nan_at_step = k, the final norm's output (the hidden states
+        both loss paths start from: whole logits or the chunked head) of step k is NaN, once."""
         if not self.settings.inject_nan_at_step:
             return
 
@@ -201,7 +202,7 @@ class HealthMonitor:
                 return output * math.nan
             return output
 
-        model.register_forward_hook(poison_output)
+        model.norm.register_forward_hook(poison_output)
 
     # --- rollback: the loop reloads a checkpoint, which restores this monitor's detectors
     def run_counters(self) -> dict:
