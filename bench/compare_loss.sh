@@ -3,6 +3,7 @@
 # 4096, micro-batch 4, compile, LR 3e-4 with 30 warmup steps, cosine): the mean loss of the last 50 steps,
 # tokens/s and peak memory of each. One part per device call on one GPU (each under 10 minutes):
 #   bench/compare_loss.sh float8      bf16 against float8 tensorwise (no AC)
+#   bench/compare_loss.sh rowwise     bf16 against float8 rowwise, torchtitan's default recipe (no AC)
 #   bench/compare_loss.sh adamw8bit   AdamW against 8-bit AdamW (selective AC); then CPU-offloaded AdamW
 #                                     beside AdamW on the GPU (7B shape with 8 layers, selective AC, 10 steps)
 # One JSON line per run in $OUT/cases.jsonl (bench/gpu_case.sh) and one for the comparison
@@ -28,11 +29,14 @@ case ${1:-} in
 float8)
   pair bf16_vs_float8_7b_l4 bf16 float8 "--activation_checkpoint.mode none" \
     "--activation_checkpoint.mode none --float8.enable true" ;;
+rowwise)
+  pair bf16_vs_float8_rowwise_7b_l4 bf16 float8_rowwise "--activation_checkpoint.mode none" \
+    "--activation_checkpoint.mode none --float8.enable true --float8.recipe rowwise" ;;
 adamw8bit)
   pair adamw_vs_adamw8bit_7b_l4 adamw adamw8bit "${SAC[*]} --optimizer.name adamw" \
     "${SAC[*]} --optimizer.name adamw8bit"
   eight=($(seven_b 8) $(bench_steps 4 10 1) --compile.enable true "${SAC[@]}")
   timeout 150 bench/gpu_case.sh titanlite 7b_l8_sac_adamw 1 "${eight[@]}"
   timeout 150 bench/gpu_case.sh titanlite 7b_l8_sac_cpu_offload 1 "${eight[@]}" --optimizer.cpu_offload true ;;
-*) echo "usage: $0 float8|adamw8bit" >&2; exit 2 ;;
+*) echo "usage: $0 float8|rowwise|adamw8bit" >&2; exit 2 ;;
 esac

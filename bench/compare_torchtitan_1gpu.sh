@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 22 on one GPU (H100 or H200), 7B shape with 8 layers, seq 4096, micro-batch 4, A = 4, compile,
+# Side by side on one GPU (H100 or H200), 7B shape with 8 layers, seq 4096, micro-batch 4, A = 4, compile,
 # no AC, titanlite and torchtitan 0.2.2 on the same data (bench/tt_assets.py) and LR schedule:
 #   bench/compare_torchtitan_1gpu.sh speed   CUDA check of the chunked head + loss; bf16 titanlite (logits
 #                                            path, chunked path) and torchtitan, alternating; float8 rowwise

@@ -239,14 +239,14 @@ def test_compile_matches_eager(tmp_path):
 
 # --- the recipes' layout: TP 8
 
-TP8_RUN = ["--model.n_kv_heads", "8", "--training.steps", "10", "--training.global_batch_tokens", "4096",
+TP8_RUN = ["--model.n_kv_heads", "8", "--training.steps", "6", "--training.global_batch_tokens", "4096",
            "--training.micro_batch_size", "2", "--training.grad_clip", "0.5", "--optimizer.lr", "3e-3",
            "--lr_schedule.warmup_tokens", "8192", "--metrics.log_freq", "1", "--metrics.enable_tensorboard", "false",
            "--metrics.enable_jsonl", "false", "--data.default_num_documents", "400", "--training.device", "cpu"]
 
 
 def debug_model_runs(folder: str, overrides: list[str]) -> dict:
-    """The debug model (dim 256, 8 heads, here 8 KV heads) for 10 steps; losses and grad norms."""
+    """The debug model (dim 256, 8 heads, here 8 KV heads) for 6 steps; losses and grad norms."""
     import titanlite.train as train_module
 
     config = load_config("debug_model", [*TP8_RUN, "--job.dump_folder", folder, *overrides])
