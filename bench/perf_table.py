@@ -44,11 +44,17 @@ def read_cases(folder: Path = RESULTS) -> list[tuple[str, dict]]:
     return cases
 
 
+def head_variant_of(name: str, names: list[str]) -> str | None:
+    """The case among `names` that `name` is an output-head variant of (NAME_logits, NAME_chunked... of NAME)."""
+    return next((other for other in names if name.startswith(tuple(other + suffix for suffix in HEAD_VARIANTS))), None)
+
+
 def cell(case: dict | None, with_energy: bool = True) -> str:
     if case is None:
         return "–"
     mfu = f" ({case['mfu_percent']:.1f}%)" if case.get("mfu_percent") else ""
-    joules = f", {energy(case)} mJ/token" if with_energy and energy(case) != "–" else ""
+    joules = energy(case) if with_energy else "–"
+    joules = f", {joules} mJ/token" if joules != "–" else ""
     return f"{case['tokens_per_second_per_gpu']:,.0f}{mfu}{joules}"
 
 
@@ -80,11 +86,10 @@ def table(cases: list[tuple[str, dict]]) -> str:
     lines = ["| results file | setting | GPUs | card | titanlite tokens/s/GPU (MFU), energy | torchtitan | ratio | "
              "titanlite peak GiB reserved (allocated) | torchtitan peak GiB reserved |", "|---|---|---|---|---|---|---|---|---|"]
     for (file, name), pair in rows.items():
-        partner = [key for key in rows if key[0] == file and name.startswith(tuple(key[1] + suffix for suffix in HEAD_VARIANTS)) and
-                   "torchtitan" in rows[key] and "titanlite" not in rows[key]]
-        if "torchtitan" not in pair and partner:
-            pair["torchtitan"] = rows[partner[0]]["torchtitan"]
-            rows[partner[0]]["paired"] = True
+        partner = head_variant_of(name, [key[1] for key in rows if key[0] == file and "titanlite" not in rows[key]])
+        if "torchtitan" not in pair and partner and "torchtitan" in rows[(file, partner)]:
+            pair["torchtitan"] = rows[(file, partner)]["torchtitan"]
+            rows[(file, partner)]["paired"] = True
     for (file, name), pair in rows.items():
         if pair.pop("paired", False):
             continue
@@ -134,9 +139,8 @@ def headline_table(cases: list[tuple[str, dict]]) -> str:
              "torchtitan | titanlite peak GiB allocated |", "|---|---|---|---|---|---|---|"]
     for file, name, setting in HEADLINES:
         ours = found[(file, name, "titanlite")]
-        theirs = found.get((file, name, "torchtitan")) or next(
-            (found[(file, name.removesuffix(suffix), "torchtitan")] for suffix in ("_logits", "_chunked")
-             if (file, name.removesuffix(suffix), "torchtitan") in found), None)
+        partner = head_variant_of(name, [key[1] for key in found if key[0] == file and key[2] == "torchtitan"])
+        theirs = found.get((file, name, "torchtitan")) or found.get((file, partner, "torchtitan"))
         ratio = f"{ours['tokens_per_second_per_gpu'] / theirs['tokens_per_second_per_gpu']:.2f}×" if theirs else "–"
         lines.append(f"| {setting} | {card(ours)} | {cell(ours, False)} | {cell(theirs, False)} | "
                      f"{ratio} | {energy(ours)} / {energy(theirs)} | {ours['peak_allocated_gib']:.1f} |")
