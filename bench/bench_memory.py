@@ -85,7 +85,7 @@ def measure(recipe: str, overrides: list[str], device_name: str, steps: int, tp:
     dims = ParallelDims.build(layout, device.type)
     model = build_model(config.model, train.seq_len, device="meta")
     parallelize(model, dims, config.parallelism, config.activation_checkpoint, config.compile.enable, config.float8,
-                torch.bfloat16 if use_bf16 else torch.float32, run.float8_all_gather)
+                torch.bfloat16 if use_bf16 else torch.float32, run.float8_all_gather, run.step_weights)
     init_weights_layout_independent(model, device, train.seed)
     optimizer = build_optimizer(model, config.optimizer, optimizer_update(config, device.type), config.compile.enable)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 and not layout.fsdp_enabled

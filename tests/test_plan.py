@@ -100,7 +100,8 @@ def test_memory_of_a_tiny_model_by_hand():
                                 "--model.n_kv_heads", "4", "--model.intermediate_size", "128",
                                 "--model.vocab_size", "32768", "--training.seq_len", "32",
                                 "--training.micro_batch_size", "2", "--activation_checkpoint.mode", "full",
-                                "--compile.enable", "false", "--training.loss_chunk_tokens", "0"])
+                                "--compile.enable", "false", "--training.loss_chunk_tokens", "0",
+                                "--training.bf16_step_weights", "false"])
     # embedding 32,768 x 64 = 2,097,152; per block q k v o 4 x 64 x 64 = 16,384, w1 w2 w3 3 x 64 x 128 =
     # 24,576, two norms 128: 41,088, x 2 = 82,176; final norm 64; head 2,097,152
     parameters = 4_276_544
@@ -111,6 +112,11 @@ def test_memory_of_a_tiny_model_by_hand():
     memory = estimate_memory(config, Layout(replicate=1, shard=1, tensor=1))
     assert (memory.parameters, memory.optimizer_state) == (weights, adam)
     assert memory.peak == weights + adam + block_inputs + logits == 76_508_928
+    # Step weights (the default): the gradient buffers exist from the first forward on, and the block
+    # linears' bf16 copies (2 x 41,088 - 256 norm gains, 2 bytes each) live between steps.
+    config.training.bf16_step_weights = True
+    stepped = estimate_memory(config, Layout(replicate=1, shard=1, tensor=1))
+    assert stepped.peak == weights + adam + 4 * parameters + 2 * 2 * 41_088 + block_inputs + logits
 
 
 def test_memory_estimate_is_within_5_percent_of_the_peaks_measured_on_a_gpu():
@@ -121,7 +127,8 @@ def test_memory_estimate_is_within_5_percent_of_the_peaks_measured_on_a_gpu():
         padding = [] if row["attention_head_dim_padding"] == "none" else [
             "--model.attention_head_dim", row["attention_head_dim_padding"]]
         # These peaks were measured with the whole micro-batch's logits (before the chunked head).
-        config = load_config(f"{row['recipe']}.toml", row["overrides"] + padding + ["--training.loss_chunk_tokens", "0"])
+        config = load_config(f"{row['recipe']}.toml", row["overrides"] + padding + [
+            "--training.loss_chunk_tokens", "0", "--training.bf16_step_weights", "false"])
         estimate = estimate_memory(config, Layout(1, 1, 1), row["grad_accum_steps"]).peak / GIB
         assert estimate == pytest.approx(row["measured_peak_gib"], rel=0.05), row["name"]
 

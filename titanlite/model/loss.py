@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from titanlite.model.attention import document_mask
+from titanlite.model.matmul import accumulate_matmul
 
 IGNORE_INDEX = -100  # label value that the loss skips
 
@@ -98,18 +99,6 @@ def _kernel(fn, device: torch.device):
     return _compiled[fn]
 
 
-def _accumulate_matmul(acc: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """acc + a @ b in `dtype` (fp32 for bf16 a and b: cuBLAS adds into the fp32 sum, no bf16 rounding per chunk)."""
-    if a.dtype == dtype:
-        return a @ b if acc is None else acc.addmm_(a, b)
-    if a.device.type != "cuda":  # out_dtype matmuls are CUDA-only: a bf16 product per chunk, summed in fp32
-        product = (a @ b).to(dtype)
-        return product if acc is None else acc.add_(product)
-    if acc is None:
-        return torch.mm(a, b, out_dtype=dtype)
-    return torch.addmm(acc, a, b, out_dtype=dtype, out=acc)
-
-
 class _HeadCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of hidden @ weight.T against labels, chunk by chunk along the tokens.
 
@@ -142,7 +131,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
                 if want_hidden:
                     torch.mm(grad_logits, w, out=grad_hidden[start:end])
                 if want_weight:
-                    grad_weight = _accumulate_matmul(grad_weight, grad_logits.t(), h[start:end], grad_dtype)
+                    grad_weight = accumulate_matmul(grad_weight, grad_logits.t(), h[start:end], grad_dtype)
                 del grad_logits  # before the next chunk's logits: one chunk's gradient alive, not two
         ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
         ctx.grads = (grad_hidden, grad_weight)

@@ -8,7 +8,8 @@ buffers or allocator fragmentation, which `headroom_gib` stands for):
     with optimizer.cpu_offload); all 0 on the GPU with parallelism.fsdp_cpu_offload;
   - FSDP2 buffers: bf16 gathered weights of the current and the prefetched block, their bf16 and
     fp32 gradients before the reduce-scatter, and the [norm, output] group kept gathered from
-    forward to backward; without FSDP, autocast's bf16 weight copies saved for the backward;
+    forward to backward; without FSDP, autocast's bf16 weight copies saved for the backward (step
+    weights, parallel/step_weights.py: the block linears' copies and gradients kept between steps);
   - activations saved per block (`_block_bytes_per_token`), by AC mode, for the micro-batch;
   - logits and loss: the fp32 upcast, log-softmax output and its gradient, 12 B per logit
     (vocabulary sharded over TP by loss_parallel); 6 B with the compiled loss (no TP); with the
@@ -29,7 +30,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from titanlite.config.resolve import Layout, uses_float8_all_gather
+from titanlite.config.resolve import Layout, uses_float8_all_gather, uses_step_weights
 from titanlite.config.settings import Config
 from titanlite.model.size import count_parameters, largest_parameter
 
@@ -132,6 +133,9 @@ def estimate_memory(config: Config, layout: Layout, grad_accum_steps: int = 1) -
         host = parameters + gradients + 8 * counts.total / state_shards  # FSDP2 offloads AdamW's state too
         parameters = gradients = optimizer = 0.0
     mode = config.activation_checkpoint.mode
+    layers = config.model.n_layers
+    step_weights = uses_step_weights(config.training, config.float8, layout,
+                                     "bfloat16" if config.training.mixed_precision == "bf16" else "float32")
     if mode == "selective" and config.activation_checkpoint.selective_blocks:
         mode = "selective-k"
     if fsdp:
@@ -139,11 +143,13 @@ def estimate_memory(config: Config, layout: Layout, grad_accum_steps: int = 1) -
         # fp32 copy for the reduce-scatter.
         gathered = 1 if uses_float8_all_gather(config.float8, layout.shard) else 2
         buffers = 2 * (gathered + 2 + 4) * counts.per_block / tp + 2 * counts.output_group / tp
+    elif step_weights and mode == "full":
+        buffers = 2 * layers * counts.per_block  # the block linears' bf16 copies, kept between steps
     else:
-        # autocast saves the bf16 copy of each matmul weight for the backward (not inside full AC).
+        # autocast saves the bf16 copy of each matmul weight for the backward (not inside full AC); step
+        # weights keep the same copies of the block linears.
         buffers = 0.0 if mode == "full" else 2 * counts.non_embedding / tp
     tokens = config.training.micro_batch_size * config.training.seq_len
-    layers = config.model.n_layers
     if mode == "selective-k":
         every = config.activation_checkpoint.selective_blocks
         checkpointed = math.ceil(layers / every)
@@ -167,10 +173,11 @@ def estimate_memory(config: Config, layout: Layout, grad_accum_steps: int = 1) -
         logits = bytes_per_logit * tokens * vocab / tp
     one_block = tokens * _block_bytes_per_token(config, tp, "none")
     transient = (one_block if mode != "none" else 0.0) + tokens * 4 * config.model.intermediate_size / tp
-    if mode == "full" and not fsdp:
+    if mode == "full" and not fsdp and not step_weights:
         transient += 2 * counts.per_block / tp  # the recomputed block's bf16 weight copies
     static = parameters + optimizer + buffers
-    grads_during_forward = gradients if grad_accum_steps > 1 else 0.0
+    # Step weights' gradient buffers are never freed; otherwise the gradients of earlier micro-batches.
+    grads_during_forward = gradients if grad_accum_steps > 1 or step_weights else 0.0
     peak = max(static + grads_during_forward + activations + max(logits, transient),
                static + gradients + transient)
     init = parameters + INIT_TEMPORARIES * 4 * largest_parameter(config.model)  # the shard + one full parameter
