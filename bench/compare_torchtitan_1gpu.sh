@@ -14,6 +14,9 @@
 #                                            estimate for it
 #   bench/compare_torchtitan_1gpu.sh profile  one profiled step of titanlite bf16 and float8 rowwise (no AC,
 #                                            A = 4), kernel time by group (bench/trace_summary.py)
+#   bench/compare_torchtitan_1gpu.sh step    step weights (parallel/step_weights.py) against autocast's casts,
+#                                            and torchtitan, in the order tt, step, autocast, autocast, step, tt;
+#                                            the two titanlite variants' losses side by side (same data and seed)
 #   bench/compare_torchtitan_1gpu.sh thirteen  the 40-layer 13B on one H200 (float8 rowwise, adamw8bit, full
 #                                            AC; plan: 118 GiB), with plan's estimate
 # One JSON line per case in $OUT/cases.jsonl (bench/gpu_case.sh); energy per token in each.
@@ -74,6 +77,25 @@ profile)
   python3 bench/trace_summary.py $(for name in bf16 float8_rowwise; do
     echo "$name=$(ls /tmp/runs/profile_$name/profile_traces/*/rank0_trace.json | tail -1)"; done) --top 30 \
     --json "$OUT/profile.json" | tee "$OUT/profile.txt"
+  ;;
+step)
+  nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv
+  python3 bench/tt_assets.py
+  AUTOCAST=(--training.bf16_step_weights false)
+  torchtitan 7b_l8_noac_a4 4 --activation_checkpoint.mode none
+  titanlite 7b_l8_noac_a4_step 4 "${NOAC[@]}"
+  titanlite 7b_l8_noac_a4_autocast 4 "${NOAC[@]}" "${AUTOCAST[@]}"
+  titanlite 7b_l8_noac_a4_autocast_2 4 "${NOAC[@]}" "${AUTOCAST[@]}"
+  titanlite 7b_l8_noac_a4_step_2 4 "${NOAC[@]}"
+  torchtitan 7b_l8_noac_a4_2 4 --activation_checkpoint.mode none
+  python3 - <<'PY' | tee "$OUT/step_losses.txt"
+import json
+losses = {name: {r["step"]: r["loss"] for r in map(json.loads, open(f"/tmp/runs/7b_l8_noac_a4_{name}/metrics.jsonl"))
+                 if "loss" in r} for name in ("step", "autocast")}
+for step in sorted(losses["step"]):
+    a, b = losses["step"][step], losses["autocast"].get(step)
+    print(f"step {step}: step weights {a:.4f}, autocast {b:.4f}, relative difference {abs(a - b) / b:.2e}")
+PY
   ;;
 thirteen)
   settings=($(thirteen_b 40) $(bench_steps 4 "$steps" 1) --compile.enable true --float8.enable true
