@@ -168,9 +168,8 @@ def train_in_folder(config: Config, device: torch.device, rank: int, control_gro
                 param_dtype=dtype, float8_all_gather=run.float8_all_gather, step_weights=run.step_weights)
     # Same initial weights for every layout: each rank draws one full parameter at a time, keeps its shard.
     init_weights_layout_independent(model, device, train_settings.seed, config.parallelism.fsdp_cpu_offload)
-    # The chunked head + loss needs the head's whole weight: under TP (a vocab-sharded DTensor) the logits path.
-    loss_fn = (ChunkedHeadLoss(train_settings.loss_chunk_tokens) if train_settings.loss_chunk_tokens and not
-               layout.tp_enabled else compile_loss(cross_entropy_per_sample, config.compile.enable, layout.tp_enabled))
+    loss_fn = (ChunkedHeadLoss(train_settings.loss_chunk_tokens) if run.chunked_loss else
+               compile_loss(cross_entropy_per_sample, config.compile.enable, layout.tp_enabled))
     loss_scope = loss_context(layout.tp_enabled)
     # FSDP casts parameters itself; without FSDP, autocast does it per matmul (step weights: once per step).
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if dtype == torch.bfloat16 and not layout.fsdp_enabled

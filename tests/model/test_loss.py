@@ -28,7 +28,7 @@ def draw(batch=3, seq=10, dim=16, vocab=50, dtype=torch.float32):
 
 
 def test_chunked_head_matches_float64_reference():
-    for chunk_tokens in (1, 7, 30, 1000):  # one token, uneven chunks, one chunk per sample, one chunk
+    for chunk_tokens in (1, 7, 30, 1000, 0):  # one token, uneven chunks, one chunk per sample, one chunk (twice)
         hidden, weight, labels = draw()
         want_losses, want_hidden, want_weight = reference(hidden, weight, labels)
         total, sample_losses = head_cross_entropy(hidden, weight, labels, chunk_tokens)

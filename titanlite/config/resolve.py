@@ -78,6 +78,7 @@ class Run:
     compute_dtype: str  # bfloat16 | float32: what matmuls and attention run in
     float8_all_gather: bool  # FSDP gathers the float8 weights in float8
     step_weights: bool  # the block linears keep their step's bf16 weights (parallel/step_weights.py)
+    chunked_loss: bool  # the head and the loss run training.loss_chunk_tokens at a time (model/loss.py)
     optimizer_update: str  # adamw8bit | cpu_offload | AdamW's update: compiled, fused, foreach, for-loop
     document_ids: bool  # batches carry document ids: the attention masks across documents
     document_positions: bool  # batches carry RoPE positions restarting at each document
@@ -183,6 +184,12 @@ def optimizer_update(config: Config, device_type: str) -> str:
     return "compiled" if config.compile.enable and not config.float8.enable else "fused"
 
 
+def uses_chunked_loss(train: Training, layout: Layout) -> bool:
+    """The head and the loss run a chunk of tokens at a time (model/loss.py); under TP the head's weight is a
+    vocab-sharded DTensor and loss_parallel takes the logits instead."""
+    return train.loss_chunk_tokens > 0 and not layout.tp_enabled
+
+
 def uses_step_weights(train: Training, float8: Float8, layout: Layout, compute_dtype: str) -> bool:
     """The block linears keep their step's bf16 weights (parallel/step_weights.py): bf16 without FSDP, TP or float8."""
     return (train.bf16_step_weights and compute_dtype == "bfloat16" and not float8.enable
@@ -239,6 +246,7 @@ def resolve(config: Config, world_size: int, tokenizer_vocab_size: int, device_t
         warmup_steps=steps_for_tokens(config.lr_schedule.warmup_tokens, train.global_batch_tokens),
         total_tokens=total_steps * train.global_batch_tokens, device_type=device_type, compute_dtype=compute_dtype,
         float8_all_gather=float8_all_gather, step_weights=uses_step_weights(train, config.float8, layout, compute_dtype),
+        chunked_loss=uses_chunked_loss(train, layout),
         optimizer_update=optimizer_update(config, device_type),
         document_ids=config.model.attention != "sdpa", document_positions=config.model.positions == "document")
 

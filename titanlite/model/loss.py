@@ -152,7 +152,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
 def head_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                        chunk_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """hidden (batch, seq, dim), weight (vocab, dim), labels (batch, seq) -> (summed token losses, a
-    differentiable fp32 scalar; per-sample sums (batch,), fp32, not differentiable).
+    differentiable fp32 scalar; per-sample sums (batch,), fp32, not differentiable); chunk_tokens 0: one chunk.
 
     The matmuls run in autocast's dtype when autocast is on (bf16 on CUDA), else in hidden's dtype;
     the softmax in fp32; d/d weight is summed over the chunks in fp32. Only the summed loss carries
@@ -162,6 +162,7 @@ def head_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch
     device_type = hidden.device.type
     compute_dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
                      else hidden.dtype)
-    total, losses = _HeadCrossEntropy.apply(hidden.flatten(0, 1), weight, labels.flatten(0, 1), chunk_tokens,
+    tokens = hidden.flatten(0, 1)
+    total, losses = _HeadCrossEntropy.apply(tokens, weight, labels.flatten(0, 1), chunk_tokens or len(tokens),
                                             compute_dtype)
     return total, losses.view(labels.shape).sum(dim=1)

@@ -175,9 +175,10 @@ class Transformer(nn.Module):
         return plan + [("norm.weight", nn.init.ones_), ("output.weight", truncated(config.dim ** -0.5))]
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, mask=None,
-                labels: torch.Tensor | None = None, loss_chunk_tokens: int = 4096):
+                labels: torch.Tensor | None = None, loss_chunk_tokens: int = 0):
         """tokens (batch, seq) int64 -> logits (batch, seq, vocab); with labels (batch, seq): the loss
-        instead, (summed token losses, per-sample sums (batch,)), `loss_chunk_tokens` tokens at a time.
+        instead, (summed token losses, per-sample sums (batch,)), `loss_chunk_tokens` tokens at a time
+        (0: all at once).
 
         positions (batch, seq): RoPE position of each token (restarting per document if the data
         says so); None = 0..seq-1. mask: a FlexAttention BlockMask (attention.document_mask) shared

@@ -30,7 +30,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from titanlite.config.resolve import Layout, uses_float8_all_gather, uses_step_weights
+from titanlite.config.resolve import Layout, uses_chunked_loss, uses_float8_all_gather, uses_step_weights
 from titanlite.config.settings import Config
 from titanlite.model.size import count_parameters, largest_parameter
 
@@ -163,7 +163,7 @@ def estimate_memory(config: Config, layout: Layout, grad_accum_steps: int = 1) -
     # without TP) fuses those away and keeps the bf16 logits and their bf16 gradient: 6 B, which
     # took the estimate of the compiled configurations from 13-16% over to within 1% on an H100.
     vocab = config.model.vocab_size
-    if config.training.loss_chunk_tokens and tp == 1:
+    if uses_chunked_loss(config.training, layout):
         # The chunked head + loss (model/loss.py): one chunk's bf16 logits and their bf16 gradient, the
         # head's fp32 weight gradient from its forward to its backward, and (no FSDP) its bf16 weight copy.
         chunk = min(config.training.loss_chunk_tokens, tokens)
