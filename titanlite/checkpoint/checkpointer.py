@@ -37,13 +37,13 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
 from titanlite.checkpoint.folders import (PARTIAL, REPLACED, STEP_FOLDER, check_states_match, flat_tensors,
-                                           fresh_folder, looks_complete, model_meaning_differences, publish,
-                                           read_checkpoint, restore_replaced, step_folder)
+                                           fresh_folder, looks_complete, publish, read_checkpoint,
+                                           refuse_other_model_meaning, restore_replaced, step_folder)
 from titanlite.checkpoint.states import ModelState, OptimizerState
 from titanlite.checkpoint.storage import (CheckpointError, ChecksummedFileSystemReader, ChecksummedFileSystemWriter,
                                           describe, first_failure)
 from titanlite.config.resolve import Layout
-from titanlite.config.settings import Checkpoint, ConfigError
+from titanlite.config.settings import Checkpoint
 from titanlite.job.folder import why_not_writable
 
 logger = logging.getLogger("titanlite")
@@ -55,21 +55,6 @@ def _bytes(count: float) -> str:
             return f"{count:.3g} {unit}"
         count /= 1000
     return f"{count:.3g} TB"
-
-
-def refuse_other_model_meaning(path: Path, meta: dict, model: dict) -> None:
-    """A run started from a checkpoint (an HF import, a seed) computes that checkpoint's model: a norm_eps or
-    RoPE setting of this run's config that differs from the one it was saved under is refused, with the
-    overrides that train it as saved: a ConfigError (exit 2), as the fix is the config. (A resume instead
-    applies its config, and lists what changed.)"""
-    differences = model_meaning_differences(meta.get("config", {}).get("model", {}), model)
-    if differences:
-        found = ", ".join(f"model.{field}={saved} (this run: {ours})" for field, saved, ours in differences)
-        overrides = " ".join(f"--model.{field} {saved}" for field, saved, _ in differences)
-        raise ConfigError(f"checkpoint.initial_load_path={path} was saved with other model settings: {found}; "
-                              f"its weights under this run's compute another model: to train it as saved, pass "
-                              f"{overrides} (or set them in the TOML); to change them on purpose (a longer "
-                              f"context's RoPE), set checkpoint.initial_load_change_model=true")
 
 
 class Checkpointer:

@@ -20,7 +20,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from titanlite.checkpoint.storage import (CHECKSUMS_SUFFIX, CheckpointError, crc32_hex, fsync_path)
+from titanlite.checkpoint.storage import CHECKSUMS_SUFFIX, CheckpointError, crc32_hex, fsync_path
+from titanlite.config.settings import ConfigError
 
 logger = logging.getLogger("titanlite")
 STEP_FOLDER = re.compile(r"^step-(\d+)$")
@@ -156,6 +157,21 @@ def model_meaning_differences(saved: dict, model: dict) -> list[tuple[str, objec
     fields = dict.fromkeys(field for kind in kinds for field in MODEL_MEANING_FIELDS.get(kind, ()))
     return [(field, saved[field], model.get(field)) for field in fields
             if field in saved and saved[field] != model.get(field)]
+
+
+def refuse_other_model_meaning(path: Path, meta: dict, model: dict) -> None:
+    """A run started from a checkpoint (an HF import, a seed) computes that checkpoint's model: a norm_eps or
+    RoPE setting of this run's config that differs from the one it was saved under is refused, with the
+    overrides that train it as saved: a ConfigError (exit 2), as the fix is the config. (A resume instead
+    applies its config, and lists what changed.)"""
+    differences = model_meaning_differences(meta.get("config", {}).get("model", {}), model)
+    if differences:
+        found = ", ".join(f"model.{field}={saved} (this run: {ours})" for field, saved, ours in differences)
+        overrides = " ".join(f"--model.{field} {saved}" for field, saved, _ in differences)
+        raise ConfigError(f"checkpoint.initial_load_path={path} was saved with other model settings: {found}; "
+                              f"its weights under this run's compute another model: to train it as saved, pass "
+                              f"{overrides} (or set them in the TOML); to change them on purpose (a longer "
+                              f"context's RoPE), set checkpoint.initial_load_change_model=true")
 
 
 def check_states_match(path: Path, meta: dict, metadata, model: dict, states: dict) -> None:
