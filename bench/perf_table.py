@@ -21,9 +21,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 from steady_state import COMPARED_MEMORY  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
-# The output head's variants (NAME_logits, NAME_chunked...) ran beside one torchtitan case NAME; other
-# suffixes name other settings, compared with nothing.
-HEAD_VARIANTS = ("_logits", "_chunked")
+# titanlite's variants of one setting (the output head: NAME_logits, NAME_chunked...; step weights against
+# autocast: NAME_step, NAME_autocast...) ran beside one torchtitan case NAME; other suffixes name other
+# settings, compared with nothing.
+VARIANTS = ("_logits", "_chunked", "_step", "_autocast")
 BEGIN, END = "<!-- PERF-TABLE:BEGIN -->", "<!-- PERF-TABLE:END -->"
 
 
@@ -44,9 +45,9 @@ def read_cases(folder: Path = RESULTS) -> list[tuple[str, dict]]:
     return cases
 
 
-def head_variant_of(name: str, names: list[str]) -> str | None:
-    """The case among `names` that `name` is an output-head variant of (NAME_logits, NAME_chunked... of NAME)."""
-    return next((other for other in names if name.startswith(tuple(other + suffix for suffix in HEAD_VARIANTS))), None)
+def variant_of(name: str, names: list[str]) -> str | None:
+    """The case among `names` that `name` is a variant of (NAME_logits, NAME_step... of NAME)."""
+    return next((other for other in names if name.startswith(tuple(other + suffix for suffix in VARIANTS))), None)
 
 
 def cell(case: dict | None, with_energy: bool = True) -> str:
@@ -86,7 +87,7 @@ def table(cases: list[tuple[str, dict]]) -> str:
     lines = ["| results file | setting | GPUs | card | titanlite tokens/s/GPU (MFU), energy | torchtitan | ratio | "
              "titanlite peak GiB reserved (allocated) | torchtitan peak GiB reserved |", "|---|---|---|---|---|---|---|---|---|"]
     for (file, name), pair in rows.items():
-        partner = head_variant_of(name, [key[1] for key in rows if key[0] == file and "titanlite" not in rows[key]])
+        partner = variant_of(name, [key[1] for key in rows if key[0] == file and "titanlite" not in rows[key]])
         if "torchtitan" not in pair and partner and "torchtitan" in rows[(file, partner)]:
             pair["torchtitan"] = rows[(file, partner)]["torchtitan"]
             rows[(file, partner)]["paired"] = True
@@ -139,7 +140,7 @@ def headline_table(cases: list[tuple[str, dict]]) -> str:
              "torchtitan | titanlite peak GiB allocated |", "|---|---|---|---|---|---|---|"]
     for file, name, setting in HEADLINES:
         ours = found[(file, name, "titanlite")]
-        partner = head_variant_of(name, [key[1] for key in found if key[0] == file and key[2] == "torchtitan"])
+        partner = variant_of(name, [key[1] for key in found if key[0] == file and key[2] == "torchtitan"])
         theirs = found.get((file, name, "torchtitan")) or found.get((file, partner, "torchtitan"))
         ratio = f"{ours['tokens_per_second_per_gpu'] / theirs['tokens_per_second_per_gpu']:.2f}×" if theirs else "–"
         lines.append(f"| {setting} | {card(ours)} | {cell(ours, False)} | {cell(theirs, False)} | "
