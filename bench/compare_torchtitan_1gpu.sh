@@ -81,12 +81,12 @@ profile)
 step)
   nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv
   python3 bench/tt_assets.py
-  AUTOCAST=(--training.bf16_step_weights false)
+  STEP=(--training.bf16_step_weights true)
   torchtitan 7b_l8_noac_a4 4 --activation_checkpoint.mode none
-  titanlite 7b_l8_noac_a4_step 4 "${NOAC[@]}"
-  titanlite 7b_l8_noac_a4_autocast 4 "${NOAC[@]}" "${AUTOCAST[@]}"
-  titanlite 7b_l8_noac_a4_autocast_2 4 "${NOAC[@]}" "${AUTOCAST[@]}"
-  titanlite 7b_l8_noac_a4_step_2 4 "${NOAC[@]}"
+  titanlite 7b_l8_noac_a4_step 4 "${NOAC[@]}" "${STEP[@]}"
+  titanlite 7b_l8_noac_a4_autocast 4 "${NOAC[@]}"
+  titanlite 7b_l8_noac_a4_autocast_2 4 "${NOAC[@]}"
+  titanlite 7b_l8_noac_a4_step_2 4 "${NOAC[@]}" "${STEP[@]}"
   torchtitan 7b_l8_noac_a4_2 4 --activation_checkpoint.mode none
   python3 - <<'PY' | tee "$OUT/step_losses.txt"
 import json

@@ -112,7 +112,7 @@ def test_memory_of_a_tiny_model_by_hand():
     memory = estimate_memory(config, Layout(replicate=1, shard=1, tensor=1))
     assert (memory.parameters, memory.optimizer_state) == (weights, adam)
     assert memory.peak == weights + adam + block_inputs + logits == 76_508_928
-    # Step weights (the default): the gradient buffers exist from the first forward on, and the block
+    # Step weights (training.bf16_step_weights): the gradient buffers exist from the first forward on, and the block
     # linears' bf16 copies (2 x 41,088 - 256 norm gains, 2 bytes each) live between steps.
     config.training.bf16_step_weights = True
     stepped = estimate_memory(config, Layout(replicate=1, shard=1, tensor=1))

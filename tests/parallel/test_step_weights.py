@@ -131,13 +131,13 @@ def test_compiled_and_checkpointed_blocks_give_the_same_gradients(mode):
 
 @pytest.mark.parametrize("overrides, world_size, device, expected", [
     ((), 1, "cuda", True),
-    (("--training.bf16_step_weights", "false"), 1, "cuda", False),
-    (("--training.mixed_precision", "bf16"), 1, "cpu", False),  # CPU runs compute in float32
+    (("--training.bf16_step_weights", "false"), 1, "cuda", False),  # the default
+    ((), 1, "cpu", False),  # CPU runs compute in float32
     (("--float8.enable", "true"), 1, "cuda", False),
     ((), 2, "cuda", False),  # FSDP casts and reduces itself
     (("--parallelism.tensor_parallel_degree", "2"), 2, "cuda", False),
 ])
 def test_used_only_for_bf16_on_one_gpu_without_float8(tmp_path, overrides, world_size, device, expected):
     config = tiny_config(tmp_path, "--training.mixed_precision", "bf16", "--training.global_batch_tokens", "512",
-                         *overrides)
+                         "--training.bf16_step_weights", "true", *overrides)
     assert resolve(config, world_size, 2048, device).step_weights is expected
