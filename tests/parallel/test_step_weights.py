@@ -10,6 +10,7 @@ compile and activation checkpointing must give the same gradients.
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -141,3 +142,35 @@ def test_used_only_for_bf16_on_one_gpu_without_float8(tmp_path, overrides, world
     config = tiny_config(tmp_path, "--training.mixed_precision", "bf16", "--training.global_batch_tokens", "512",
                          "--training.bf16_step_weights", "true", *overrides)
     assert resolve(config, world_size, 2048, device).step_weights is expected
+
+
+def test_training_run_with_step_weights_equals_the_plain_run_and_resumes(tmp_path, monkeypatch):
+    """Through train(): CPU runs compute in float32, where the rule leaves step weights off, so it is forced
+    on. The run must equal the plain one (1e-5), also when it ends after step 3 and a longer run resumes
+    it (as the plain run does: the LR schedule follows each run's length): the copies are cast from the
+    loaded weights and the gradient buffers start from zero."""
+    import logging
+
+    import titanlite.config.resolve as resolve_module
+    from titanlite.train import train
+
+    checkpoints = ["--checkpoint.enable", "true", "--checkpoint.interval", "3"]
+
+    def straight_and_resumed(name: str) -> tuple[dict, dict]:
+        straight = {r["step"]: r["loss"] for r in train(tiny_config(tmp_path / name))}
+        train(tiny_config(tmp_path / f"{name}_resumed", *checkpoints, "--training.steps", "3"))
+        resumed = {r["step"]: r["loss"] for r in train(tiny_config(tmp_path / f"{name}_resumed", *checkpoints))}
+        return straight, resumed
+
+    handlers = logging.root.handlers[:]
+    try:
+        plain = straight_and_resumed("plain")
+        monkeypatch.setattr(resolve_module, "uses_step_weights", lambda *args: True)
+        stepped = straight_and_resumed("stepped")
+    finally:
+        logging.root.handlers[:] = handlers
+    assert json.loads((tmp_path / "stepped_resumed" / "config.json").read_text())["derived"]["step_weights"]
+    for want, got in zip(plain, stepped):
+        assert sorted(got) == sorted(want) and len(got) in (3, 6)
+        for step, loss in got.items():
+            assert loss == pytest.approx(want[step], rel=1e-5), step
