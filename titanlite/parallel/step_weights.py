@@ -6,10 +6,10 @@ gradient to fp32 and adds it into `.grad`: ~30 bytes of memory traffic per param
 micro-batch beside the matmuls. Here each transformer-block nn.Linear keeps a bf16 copy of its
 weight, cast again only when the weight may have changed: after any optimizer step (a global step
 hook: fused AdamW writes parameters without moving their version counter) or when the weight's
-version counter or storage moved (a checkpoint load, an edit), and its backward adds the weight gradient into `.grad` inside the
-matmul (cuBLAS with beta = 1 and an fp32 output), as Megatron's main_grad does. The matmuls see
-the same bf16 operands as under autocast; the weight gradient is no longer rounded to bf16 once
-per micro-batch before the fp32 sum.
+version counter or storage moved (a checkpoint load, an edit). Its backward adds the weight
+gradient into `.grad` inside the matmul (cuBLAS with beta = 1 and an fp32 output), as Megatron's
+main_grad does. The matmuls see the same bf16 operands as under autocast; the weight gradient is
+no longer rounded to bf16 once per micro-batch before the fp32 sum.
 
 Memory: the bf16 copies live between steps too (+2 bytes per block linear parameter; during the
 forward autocast held copies for the backward anyway), and each weight's `.grad` is one buffer
