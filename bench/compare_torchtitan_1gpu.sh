@@ -16,7 +16,7 @@
 #                                            A = 4), kernel time by group (bench/trace_summary.py)
 #   bench/compare_torchtitan_1gpu.sh step    step weights (parallel/step_weights.py) against autocast's casts,
 #                                            and torchtitan, in the order tt, step, autocast, autocast, step, tt;
-#                                            the two titanlite variants' losses side by side (same data and seed)
+#                                            the two titanlite variants' losses compared (bench/compare_losses.py)
 #   bench/compare_torchtitan_1gpu.sh thirteen  the 40-layer 13B on one H200 (float8 rowwise, adamw8bit, full
 #                                            AC; plan: 118 GiB), with plan's estimate
 # One JSON line per case in $OUT/cases.jsonl (bench/gpu_case.sh); energy per token in each.
@@ -88,14 +88,9 @@ step)
   titanlite 7b_l8_noac_a4_autocast_2 4 "${NOAC[@]}"
   titanlite 7b_l8_noac_a4_step_2 4 "${NOAC[@]}" "${STEP[@]}"
   torchtitan 7b_l8_noac_a4_2 4 --activation_checkpoint.mode none
-  python3 - <<'PY' | tee "$OUT/step_losses.txt"
-import json
-losses = {name: {r["step"]: r["loss"] for r in map(json.loads, open(f"/tmp/runs/7b_l8_noac_a4_{name}/metrics.jsonl"))
-                 if "loss" in r} for name in ("step", "autocast")}
-for step in sorted(losses["step"]):
-    a, b = losses["step"][step], losses["autocast"].get(step)
-    print(f"step {step}: step weights {a:.4f}, autocast {b:.4f}, relative difference {abs(a - b) / b:.2e}")
-PY
+  # Logged every 5 steps: the mean over steps 5, 10, 15 and both curves (CSV) in $OUT/loss_curves.
+  python3 bench/compare_losses.py autocast_vs_step_weights_7b_l8 /tmp/runs/7b_l8_noac_a4_autocast \
+    /tmp/runs/7b_l8_noac_a4_step "$OUT/loss_curves" --last 3 | tee -a "$OUT/step_losses.jsonl"
   ;;
 thirteen)
   settings=($(thirteen_b 40) $(bench_steps 4 "$steps" 1) --compile.enable true --float8.enable true

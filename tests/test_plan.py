@@ -113,7 +113,8 @@ def test_memory_of_a_tiny_model_by_hand():
     assert (memory.parameters, memory.optimizer_state) == (weights, adam)
     assert memory.peak == weights + adam + block_inputs + logits == 76_508_928
     # Step weights (training.bf16_step_weights): the gradient buffers exist from the first forward on, and the block
-    # linears' bf16 copies (2 x 41,088 - 256 norm gains, 2 bytes each) live between steps.
+    # linears' bf16 copies live between steps: 2 bytes for each of the 2 x 41,088 block parameters (the plan
+    # counts the blocks whole: their 256 norm gains, which keep no copy, are rounded in).
     config.training.bf16_step_weights = True
     stepped = estimate_memory(config, Layout(replicate=1, shard=1, tensor=1))
     assert stepped.peak == weights + adam + 4 * parameters + 2 * 2 * 41_088 + block_inputs + logits

@@ -184,6 +184,11 @@ def optimizer_update(config: Config, device_type: str) -> str:
     return "compiled" if config.compile.enable and not config.float8.enable else "fused"
 
 
+def compute_dtype_of(train: Training, device_type: str) -> str:
+    """bfloat16 on CUDA when training.mixed_precision is bf16; float32 otherwise (CPU runs are for tests)."""
+    return "bfloat16" if device_type == "cuda" and train.mixed_precision == "bf16" else "float32"
+
+
 def uses_chunked_loss(train: Training, layout: Layout) -> bool:
     """The head and the loss run a chunk of tokens at a time (model/loss.py); under TP the head's weight is a
     vocab-sharded DTensor and loss_parallel takes the logits instead."""
@@ -234,8 +239,7 @@ def resolve(config: Config, world_size: int, tokenizer_vocab_size: int, device_t
         raise ConfigError("training.total_tokens=0 and training.steps=0: set one of them")
     float8_all_gather = uses_float8_all_gather(config.float8, layout.shard)
     check_device_features(config, world_size, device_type, float8_all_gather)
-    # bfloat16 on CUDA when training.mixed_precision is bf16; float32 otherwise (CPU runs are for tests).
-    compute_dtype = "bfloat16" if device_type == "cuda" and train.mixed_precision == "bf16" else "float32"
+    compute_dtype = compute_dtype_of(train, device_type)
     head_dim = probe_head_dim(config.model, layout.tensor, compute_dtype) if probe_head_dim else None
     resolved = concrete_config(config, tokenizer_vocab_size, head_dim)
     total_steps = train.steps or max(1, steps_for_tokens(train.total_tokens, train.global_batch_tokens))

@@ -30,7 +30,8 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from titanlite.config.resolve import Layout, uses_chunked_loss, uses_float8_all_gather, uses_step_weights
+from titanlite.config.resolve import (Layout, compute_dtype_of, uses_chunked_loss, uses_float8_all_gather,
+                                      uses_step_weights)
 from titanlite.config.settings import Config
 from titanlite.model.size import count_parameters, largest_parameter
 
@@ -134,8 +135,8 @@ def estimate_memory(config: Config, layout: Layout, grad_accum_steps: int = 1) -
         parameters = gradients = optimizer = 0.0
     mode = config.activation_checkpoint.mode
     layers = config.model.n_layers
-    step_weights = uses_step_weights(config.training, config.float8, layout,
-                                     "bfloat16" if config.training.mixed_precision == "bf16" else "float32")
+    compute_dtype = compute_dtype_of(config.training, "cuda")  # the plan is for a GPU
+    step_weights = uses_step_weights(config.training, config.float8, layout, compute_dtype)
     if mode == "selective" and config.activation_checkpoint.selective_blocks:
         mode = "selective-k"
     if fsdp:
