@@ -6,8 +6,7 @@
 #   bench/compare_loss.sh rowwise     bf16 against float8 rowwise, torchtitan's default recipe (no AC)
 #   bench/compare_loss.sh adamw8bit   AdamW against 8-bit AdamW (selective AC); then CPU-offloaded AdamW
 #                                     beside AdamW on the GPU (7B shape with 8 layers, selective AC, 10 steps)
-#   bench/compare_loss.sh seed1       seed 1: bf16 against float8 rowwise and against bf16 with step weights
-#                                     (training.bf16_step_weights, no AC)
+#   bench/compare_loss.sh seed1       the rowwise pair at seed 1 (the seed-to-seed spread of both)
 # One JSON line per run in $OUT/cases.jsonl (bench/gpu_case.sh) and one for the comparison
 # (bench/compare_losses.py); both loss curves in $OUT/loss_curves/.
 set -uo pipefail
@@ -20,7 +19,8 @@ LOSS=(--metrics.log_freq 1 --lr_schedule.decay cosine --training.micro_batch_siz
       --training.global_batch_tokens 16384 --training.steps 300 --lr_schedule.warmup_tokens $(( 30 * 16384 ))
       --optimizer.lr 3e-4 --compile.enable true)
 SAC=(--activation_checkpoint.mode selective --activation_checkpoint.selective_blocks 0)
-# train NAME "OVERRIDES": one 300-step run at seed $seed (default 0); compare COMPARISON NAME_A NAME_B: their losses
+# pair COMPARISON NAME_A NAME_B "OVERRIDES_A" "OVERRIDES_B": two 300-step runs at seed $seed (default 0), then
+# their losses compared
 train() { timeout 170 bench/gpu_case.sh titanlite "7b_l4_loss_$1" 1 $(seven_b 4) "${LOSS[@]}" --training.seed "${seed:-0}" $2
   cp "/tmp/runs/7b_l4_loss_$1/metrics.jsonl" "$OUT/loss_curves/7b_l4_loss_$1.jsonl"; }
 compare() { python3 bench/compare_losses.py "$1" "/tmp/runs/7b_l4_loss_$2" "/tmp/runs/7b_l4_loss_$3" "$OUT/loss_curves" \
@@ -29,17 +29,15 @@ pair() { train "$2" "$4"; train "$3" "$5"; compare "$1" "$2" "$3"; }
 NOAC="--activation_checkpoint.mode none"
 case ${1:-} in
 float8)
-  pair bf16_vs_float8_7b_l4 bf16 float8 "--activation_checkpoint.mode none" \
-    "--activation_checkpoint.mode none --float8.enable true" ;;
+  pair bf16_vs_float8_7b_l4 bf16 float8 "$NOAC" \
+    "$NOAC --float8.enable true" ;;
 rowwise)
-  pair bf16_vs_float8_rowwise_7b_l4 bf16 float8_rowwise "--activation_checkpoint.mode none" \
-    "--activation_checkpoint.mode none --float8.enable true --float8.recipe rowwise" ;;
+  pair bf16_vs_float8_rowwise_7b_l4 bf16 float8_rowwise "$NOAC" \
+    "$NOAC --float8.enable true --float8.recipe rowwise" ;;
 seed1)
   seed=1
   pair bf16_vs_float8_rowwise_7b_l4_seed1 bf16_seed1 float8_rowwise_seed1 "$NOAC" \
-    "$NOAC --float8.enable true --float8.recipe rowwise"
-  train step_weights_seed1 "$NOAC --training.bf16_step_weights true"
-  compare bf16_vs_step_weights_7b_l4_seed1 bf16_seed1 step_weights_seed1 ;;
+    "$NOAC --float8.enable true --float8.recipe rowwise" ;;
 adamw8bit)
   pair adamw_vs_adamw8bit_7b_l4 adamw adamw8bit "${SAC[*]} --optimizer.name adamw" \
     "${SAC[*]} --optimizer.name adamw8bit"

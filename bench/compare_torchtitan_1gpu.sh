@@ -81,11 +81,11 @@ profile)
 step)
   nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv
   python3 bench/tt_assets.py
-  STEP=(--training.bf16_step_weights true)
+  STEP=(--training.bf16_step_weights true) AUTOCAST=(--training.bf16_step_weights false)
   torchtitan 7b_l8_noac_a4 4 --activation_checkpoint.mode none
   titanlite 7b_l8_noac_a4_step 4 "${NOAC[@]}" "${STEP[@]}"
-  titanlite 7b_l8_noac_a4_autocast 4 "${NOAC[@]}"
-  titanlite 7b_l8_noac_a4_autocast_2 4 "${NOAC[@]}"
+  titanlite 7b_l8_noac_a4_autocast 4 "${NOAC[@]}" "${AUTOCAST[@]}"
+  titanlite 7b_l8_noac_a4_autocast_2 4 "${NOAC[@]}" "${AUTOCAST[@]}"
   titanlite 7b_l8_noac_a4_step_2 4 "${NOAC[@]}" "${STEP[@]}"
   torchtitan 7b_l8_noac_a4_2 4 --activation_checkpoint.mode none
   # Logged every 5 steps: the mean over steps 5, 10, 15 and both curves (CSV) in $OUT/loss_curves.

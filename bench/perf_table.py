@@ -107,10 +107,9 @@ def table(cases: list[tuple[str, dict]]) -> str:
 
 # Where titanlite stands: the side-by-side runs a reader asks about first, (results file, case name, setting).
 HEADLINES = [
-    ("2026-12-05_chunked_loss_float8_rowwise_same_data_h100.jsonl", "7b_l8_noac_a4_chunked",
-     "8 layers, bf16, no AC, A = 4 (both frameworks' fastest bf16)"),
-    ("2026-12-05_chunked_loss_reversed_whole_7b_h100.jsonl", "7b_l8_noac_a4_logits",
-     "the same, torchtitan first, whole logits"),
+    ("2026-12-06_step_weights_h200.jsonl", "7b_l8_noac_a4_step",
+     "8 layers, bf16 (step weights), no AC, A = 4 (both frameworks' fastest bf16)"),
+    ("2026-12-06_step_weights_h100.jsonl", "7b_l8_noac_a4_step", "the same on an H100"),
     ("2026-11-30_same_data_1xh200.jsonl", "7b_l8_sac_a4_same_data", "8 layers, bf16, selective AC, A = 4"),
     ("2026-12-05_chunked_loss_float8_rowwise_same_data_h100.jsonl", "7b_l8_noac_a4_float8_rowwise",
      "8 layers, float8 rowwise (both), no AC, A = 4"),

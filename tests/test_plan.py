@@ -100,8 +100,7 @@ def test_memory_of_a_tiny_model_by_hand():
                                 "--model.n_kv_heads", "4", "--model.intermediate_size", "128",
                                 "--model.vocab_size", "32768", "--training.seq_len", "32",
                                 "--training.micro_batch_size", "2", "--activation_checkpoint.mode", "full",
-                                "--compile.enable", "false", "--training.loss_chunk_tokens", "0",
-                                "--training.bf16_step_weights", "false"])
+                                "--compile.enable", "false", "--training.loss_chunk_tokens", "0"])
     # embedding 32,768 x 64 = 2,097,152; per block q k v o 4 x 64 x 64 = 16,384, w1 w2 w3 3 x 64 x 128 =
     # 24,576, two norms 128: 41,088, x 2 = 82,176; final norm 64; head 2,097,152
     parameters = 4_276_544
@@ -112,12 +111,17 @@ def test_memory_of_a_tiny_model_by_hand():
     memory = estimate_memory(config, Layout(replicate=1, shard=1, tensor=1))
     assert (memory.parameters, memory.optimizer_state) == (weights, adam)
     assert memory.peak == weights + adam + block_inputs + logits == 76_508_928
-    # Step weights (training.bf16_step_weights): the gradient buffers exist from the first forward on, and the block
-    # linears' bf16 copies live between steps: 2 bytes for each of the 2 x 41,088 block parameters (the plan
-    # counts the blocks whole: their 256 norm gains, which keep no copy, are rounded in).
+    # Two micro-batches: the first one's fp32 gradients are alive during the second forward.
+    config.training.bf16_step_weights = False
+    accumulated = estimate_memory(config, Layout(replicate=1, shard=1, tensor=1), grad_accum_steps=2)
+    assert accumulated.peak == weights + adam + 4 * parameters + block_inputs + logits
+    # Step weights (training.bf16_step_weights, used over several micro-batches): besides, the block linears'
+    # bf16 copies live between steps: 2 bytes for each of the 2 x 41,088 block parameters (the plan counts
+    # the blocks whole: their 256 norm gains, which keep no copy, are rounded in).
     config.training.bf16_step_weights = True
-    stepped = estimate_memory(config, Layout(replicate=1, shard=1, tensor=1))
-    assert stepped.peak == weights + adam + 4 * parameters + 2 * 2 * 41_088 + block_inputs + logits
+    stepped = estimate_memory(config, Layout(replicate=1, shard=1, tensor=1), grad_accum_steps=2)
+    assert stepped.peak == accumulated.peak + 2 * 2 * 41_088
+    assert estimate_memory(config, Layout(replicate=1, shard=1, tensor=1)).peak == memory.peak  # one: not used
 
 
 def test_memory_estimate_is_within_5_percent_of_the_peaks_measured_on_a_gpu():

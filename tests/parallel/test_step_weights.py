@@ -131,16 +131,17 @@ def test_compiled_and_checkpointed_blocks_give_the_same_gradients(mode):
 
 
 @pytest.mark.parametrize("overrides, world_size, device, expected", [
-    ((), 1, "cuda", True),
-    (("--training.bf16_step_weights", "false"), 1, "cuda", False),  # the default
+    ((), 1, "cuda", True),  # the default
+    (("--training.bf16_step_weights", "false"), 1, "cuda", False),
+    (("--training.global_batch_tokens", "128"), 1, "cuda", False),  # one micro-batch: no cast to share
     ((), 1, "cpu", False),  # CPU runs compute in float32
     (("--float8.enable", "true"), 1, "cuda", False),
     ((), 2, "cuda", False),  # FSDP casts and reduces itself
     (("--parallelism.tensor_parallel_degree", "2"), 2, "cuda", False),
 ])
-def test_used_only_for_bf16_on_one_gpu_without_float8(tmp_path, overrides, world_size, device, expected):
+def test_used_only_for_bf16_on_one_gpu_without_float8_over_several_micro_batches(tmp_path, overrides, world_size, device, expected):
     config = tiny_config(tmp_path, "--training.mixed_precision", "bf16", "--training.global_batch_tokens", "512",
-                         "--training.bf16_step_weights", "true", *overrides)
+                         *overrides)
     assert resolve(config, world_size, 2048, device).step_weights is expected
 
 

@@ -132,10 +132,10 @@ class Training:
                                            "building the whole micro-batch's logits; 0: whole logits, then the "
                                            "loss (always so under tensor parallelism)", ge=0)
     mixed_precision: str = setting("bf16", "bf16 applies on CUDA only", choices=("bf16", "fp32"))
-    bf16_step_weights: bool = setting(False, "bf16 on one GPU without FSDP, TP or float8: cast the block linears' "
-                                             "weights once per step and add their gradients into fp32 inside the "
-                                             "matmul (+2 bytes per parameter; not yet measured on a GPU); false: "
-                                             "autocast casts every micro-batch")
+    bf16_step_weights: bool = setting(True, "bf16 on one GPU without FSDP, TP or float8, with gradient "
+                                            "accumulation: cast the block linears' weights once per step and add "
+                                            "their gradients into fp32 inside the matmul (+2 bytes per parameter); "
+                                            "false: autocast casts every micro-batch")
     device: str = setting("auto", "auto: CUDA if visible", choices=("auto", "cpu", "cuda"))
 
 

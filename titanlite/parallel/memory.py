@@ -136,7 +136,7 @@ def estimate_memory(config: Config, layout: Layout, grad_accum_steps: int = 1) -
     mode = config.activation_checkpoint.mode
     layers = config.model.n_layers
     compute_dtype = compute_dtype_of(config.training, "cuda")  # the plan is for a GPU
-    step_weights = uses_step_weights(config.training, config.float8, layout, compute_dtype)
+    step_weights = uses_step_weights(config.training, config.float8, layout, compute_dtype, grad_accum_steps)
     if mode == "selective" and config.activation_checkpoint.selective_blocks:
         mode = "selective-k"
     if fsdp:
