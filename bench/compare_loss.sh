@@ -19,13 +19,13 @@ LOSS=(--metrics.log_freq 1 --lr_schedule.decay cosine --training.micro_batch_siz
       --training.global_batch_tokens 16384 --training.steps 300 --lr_schedule.warmup_tokens $(( 30 * 16384 ))
       --optimizer.lr 3e-4 --compile.enable true)
 SAC=(--activation_checkpoint.mode selective --activation_checkpoint.selective_blocks 0)
-# pair COMPARISON NAME_A NAME_B "OVERRIDES_A" "OVERRIDES_B": two 300-step runs at seed $seed (default 0), then
-# their losses compared
+# train NAME "OVERRIDES": one 300-step run at seed $seed (default 0), its loss curve kept
 train() { timeout 170 bench/gpu_case.sh titanlite "7b_l4_loss_$1" 1 $(seven_b 4) "${LOSS[@]}" --training.seed "${seed:-0}" $2
   cp "/tmp/runs/7b_l4_loss_$1/metrics.jsonl" "$OUT/loss_curves/7b_l4_loss_$1.jsonl"; }
-compare() { python3 bench/compare_losses.py "$1" "/tmp/runs/7b_l4_loss_$2" "/tmp/runs/7b_l4_loss_$3" "$OUT/loss_curves" \
-  | tee -a "$RESULTS"; }
-pair() { train "$2" "$4"; train "$3" "$5"; compare "$1" "$2" "$3"; }
+# pair COMPARISON NAME_A NAME_B "OVERRIDES_A" "OVERRIDES_B": two runs, then their losses compared
+pair() { train "$2" "$4"; train "$3" "$5"
+  python3 bench/compare_losses.py "$1" "/tmp/runs/7b_l4_loss_$2" "/tmp/runs/7b_l4_loss_$3" "$OUT/loss_curves" \
+    | tee -a "$RESULTS"; }
 NOAC="--activation_checkpoint.mode none"
 case ${1:-} in
 float8)

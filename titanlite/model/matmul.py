@@ -12,10 +12,9 @@ def accumulate_matmul(acc: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor
     output): no bf16 rounding of each product and no separate add pass. Off CUDA (out_dtype matmuls
     are CUDA-only) the same numbers come from the operands widened to `dtype`.
     """
-    if a.dtype == dtype:
-        return a @ b if acc is None else acc.addmm_(a, b)
-    if a.device.type != "cuda":
+    if a.dtype != dtype and a.device.type != "cuda":
         a, b = a.to(dtype), b.to(dtype)
+    if a.dtype == dtype:
         return a @ b if acc is None else acc.addmm_(a, b)
     if acc is None:
         return torch.mm(a, b, out_dtype=dtype)

@@ -177,8 +177,8 @@ def estimate_memory(config: Config, layout: Layout, grad_accum_steps: int = 1) -
     if mode == "full" and not fsdp and not step_weights:
         transient += 2 * counts.per_block / tp  # the recomputed block's bf16 weight copies
     static = parameters + optimizer + buffers
-    # Step weights' gradient buffers are never freed; otherwise the gradients of earlier micro-batches.
-    grads_during_forward = gradients if grad_accum_steps > 1 or step_weights else 0.0
+    # The gradients of earlier micro-batches (step weights' never-freed buffers too: they need A > 1).
+    grads_during_forward = gradients if grad_accum_steps > 1 else 0.0
     peak = max(static + grads_during_forward + activations + max(logits, transient),
                static + gradients + transient)
     init = parameters + INIT_TEMPORARIES * 4 * largest_parameter(config.model)  # the shard + one full parameter
